@@ -1,0 +1,3 @@
+from loraprune.cli import main
+import sys
+sys.exit(main())
