@@ -1,3 +1,5 @@
-from loraprune.cli import main
 import sys
+
+from loraprune.cli import main
+
 sys.exit(main())

@@ -1,0 +1,112 @@
+"""Saving pruned models so that the ecosystem loads them, and atomic output directories.
+
+Same widths in every layer: the architecture's stock config, loadable anywhere.
+Different widths: the per-layer config plus the shipped `modeling_loraprune.py`
+(`auto_map`), loadable by stock `transformers` with `trust_remote_code=True`, and
+without it whenever `loraprune` is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from loraprune.errors import LoraPruneError
+from loraprune.structure import get_adapter, unwrap_model
+
+REMOTE_CODE = Path(__file__).parent / "remote" / "modeling_loraprune.py"
+
+
+class OutputExistsError(LoraPruneError):
+    """The output directory exists and overwriting was not asked for."""
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Fail early (before any long work) if `output_dir` exists and `overwrite` is off."""
+    path = Path(output_dir)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"output directory {path} already exists; pass --overwrite to replace it")
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"output path {path} exists and is not a directory")
+    return path
+
+
+@contextmanager
+def atomic_directory(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `output_dir` only if the block succeeds.
+
+    A failure (or a kill) leaves `output_dir` as it was: absent, or the previous content.
+    """
+    target = check_output_dir(output_dir, overwrite).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if target.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.rename(target, retired / target.name)
+        os.rename(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.rename(staging, target)
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> None:
+    """Write JSON atomically (temp file in the same directory, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pruned_model(
+    model: nn.Module,
+    tokenizer: Any,
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    extra_json: dict[str, Any] | None = None,
+) -> bool:
+    """Save a (shrunk) model with its tokenizer; returns True if the config is the stock one.
+
+    `extra_json` maps file names to JSON payloads written beside the model (reports).
+    A PEFT model must be merged (or unloaded) first: its adapter is saved separately.
+    """
+    if hasattr(model, "peft_config"):
+        raise LoraPruneError("merge the LoRA adapter (merge_and_unload) before saving the pruned base model")
+    root = unwrap_model(model)
+    adapter = get_adapter(root)
+    config, stock = adapter.config_for_sizes(root, adapter.layer_sizes(root))
+    architectures = list(config.architectures)
+    with atomic_directory(output_dir, overwrite) as staging:
+        previous_config, root.config = root.config, config
+        try:
+            root.save_pretrained(staging)
+        finally:
+            root.config = previous_config
+        config.architectures = architectures  # save_pretrained writes the in-memory class name
+        config.save_pretrained(staging)
+        if not stock:
+            shutil.copy(REMOTE_CODE, staging / REMOTE_CODE.name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        for name, payload in (extra_json or {}).items():
+            write_json(staging / name, payload)
+    return stock
