@@ -1,0 +1,1 @@
+"""PrunedLoRA: train an over-parameterised LoRA adapter and prune its rank (design §1.2)."""

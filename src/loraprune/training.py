@@ -1,0 +1,104 @@
+"""One Trainer-based fine-tuning loop shared by every method and baseline.
+
+Methods differ only in the callbacks they pass (pruning steps, AdaLoRA's budget update), so
+that "same data, same steps, same learning-rate schedule, same seed" holds by construction
+when methods are compared.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from loraprune.config import check, option
+
+
+@dataclass
+class TrainingConfig:
+    """Optimiser and loop settings of a fine-tuning run (AdamW, as in `transformers.Trainer`)."""
+
+    steps: int = option(60, help="number of optimizer steps")
+    learning_rate: float = option(1e-3, help="peak learning rate of AdamW")
+    batch_size: int = option(8, help="examples per device per micro-batch")
+    gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step")
+    lr_scheduler_type: str = option(
+        "linear", help="learning-rate schedule", choices=("linear", "cosine", "constant", "constant_with_warmup")
+    )
+    warmup_ratio: float = option(0.0, help="fraction of the steps spent warming up the learning rate")
+    weight_decay: float = option(0.0, help="AdamW weight decay")
+    seed: int = option(0, help="random seed (initialisation of the adapter, data order)")
+    logging_steps: int = option(10, help="log the training loss every this many steps")
+    max_grad_norm: float = option(1.0, help="gradient clipping norm (0 disables clipping)")
+    bf16: bool = option(False, help="train in bfloat16 autocast (GPU)")
+    fp16: bool = option(False, help="train in float16 autocast with a loss scaler (GPU)")
+    report_to: str = option("none", help="experiment tracker for transformers.Trainer ('none' logs nowhere)")
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        check(self.batch_size >= 1 and self.gradient_accumulation_steps >= 1,
+              "batch_size and gradient_accumulation_steps must be >= 1")
+        check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        check(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0")
+        check(self.logging_steps >= 1, "logging_steps must be >= 1")
+        check(not (self.bf16 and self.fp16), "choose at most one of --bf16 and --fp16")
+
+
+def training_arguments(config: TrainingConfig, output_dir: str) -> TrainingArguments:
+    """The `TrainingArguments` of `config`: no checkpoints, no hub, CPU when there is no CUDA device."""
+    return TrainingArguments(
+        output_dir=output_dir,
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a value below 1 is a fraction of the steps
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=config.logging_steps,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        report_to=config.report_to,
+        save_strategy="no",
+        push_to_hub=False,
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=False,
+    )
+
+
+def train(
+    model: torch.nn.Module,
+    train_dataset: Any,
+    data_collator: Callable[[list[dict]], dict[str, torch.Tensor]],
+    config: TrainingConfig,
+    callbacks: Sequence[TrainerCallback] = (),
+    output_dir: str | None = None,
+) -> list[dict]:
+    """Fine-tune the trainable parameters of `model` in place and return the Trainer's log history.
+
+    `train_dataset` is anything with `__len__` and `__getitem__` (a list of tokenised examples
+    works); the data is cycled when `steps` needs more than one epoch. Nothing is written to
+    `output_dir` (a temporary directory when omitted) since checkpointing is off.
+    """
+    with tempfile.TemporaryDirectory(prefix="loraprune-train-") as scratch:
+        trainer = Trainer(
+            model=model,
+            args=training_arguments(config, output_dir or scratch),
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            callbacks=list(callbacks),
+        )
+        trainer.train()
+        return list(trainer.state.log_history)
