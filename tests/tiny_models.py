@@ -1,0 +1,39 @@
+"""Tiny random Llama-family models built from configs, for fast structural tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+
+def tiny_model(arch: str = "llama", *, heads: int = 4, kv_heads: int = 2, layers: int = 2, hidden: int = 48,
+               intermediate: int = 24, head_dim: int = 8, vocab: int = 64, seed: int = 0,
+               tie: bool = False) -> torch.nn.Module:
+    """A random fp32 causal LM; biases are made non-zero so slicing them is checked too."""
+    config_class, model_class = ARCHITECTURES[arch]
+    config = config_class(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=64,
+        tie_word_embeddings=tie, attn_implementation="eager",
+        **({"attention_bias": True, "mlp_bias": True} if arch == "llama" else {}),
+    )
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+            elif "norm" in name:
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+def token_batch(vocab: int = 64, batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=generator)
