@@ -1,0 +1,50 @@
+"""`transformers.TrainerCallback` that runs PrunedLoRA inside `Trainer.train()`: no manual calls.
+
+The Trainer (transformers 5) calls, per optimizer step: gradient clipping (which also unscales
+AMP gradients), `on_pre_optimizer_step`, `optimizer.step()`, `on_optimizer_step`, then
+`zero_grad`. Gradients are therefore read in `on_pre_optimizer_step`: final, all-reduced and
+unscaled (but clipped when `max_grad_norm > 0`, a common factor for all modules of a step).
+Pruning runs in `on_optimizer_step`, so the optimizer state to zero already exists.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from loraprune.errors import LoraPruneError
+from loraprune.rank_pruning.config import RankPruningConfig
+from loraprune.rank_pruning.pruner import RankPruner
+
+logger = logging.getLogger(__name__)
+
+
+class RankPruningCallback(TrainerCallback):
+    """Prunes the rank of the model's LoRA adapter while `Trainer` trains it; `pruner` holds the result."""
+
+    def __init__(self, config: RankPruningConfig, adapter: str = "default") -> None:
+        self.config = config
+        self.adapter = adapter
+        self.pruner: RankPruner | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model=None, **kwargs) -> None:
+        if self.pruner is not None:
+            raise LoraPruneError("a RankPruningCallback prunes one training run; create a new one per run")
+        self.pruner = RankPruner(model, self.config, total_steps=state.max_steps, adapter=self.adapter)
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                              **kwargs) -> None:
+        self.pruner.observe_gradients()
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                          optimizer=None, **kwargs) -> None:
+        self.pruner.step(state.global_step + 1, optimizer)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs) -> None:
+        if not self.pruner.finished:
+            logger.warning("training ended before the last pruning event (step %d): the final rank budget "
+                           "was not reached; current total rank %d",
+                           self.pruner.schedule.events[-1], sum(self.pruner.ranks().values()))

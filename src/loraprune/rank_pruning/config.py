@@ -1,0 +1,77 @@
+"""Options of PrunedLoRA: the starting and final rank, the schedule, the score and the update."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loraprune.config import check, option
+from loraprune.lora import DEFAULT_TARGET_MODULES
+
+
+@dataclass
+class RankPruningConfig:
+    """How an over-parameterised LoRA adapter of rank `r0` is pruned to rank `rank` while it trains."""
+
+    r0: int = option(64, help="initial (over-parameterised) LoRA rank of every module")
+    rank: int = option(8, help="final rank: of every module (per_module schedule) or on average (global)")
+    alpha: float | None = option(
+        None, help="LoRA alpha at rank r0 (default r0, i.e. scaling 1); the scaling alpha/r0 stays fixed"
+    )
+    target_modules: tuple[str, ...] = option(
+        DEFAULT_TARGET_MODULES, help="names (or name suffixes) of the linear modules that get LoRA"
+    )
+    schedule: str = option(
+        "per_module",
+        help="per_module: every prune_every steps remove per_event components of each module (the paper); "
+        "global: a cubic budget over all modules, components ranked across modules (adaptive ranks)",
+        choices=("per_module", "global"),
+    )
+    prune_every: int = option(10, help="optimizer steps between pruning events (the paper's K1)")
+    per_event: int = option(
+        2,
+        help="components removed per module at each event of the per_module schedule (the paper's K2); "
+        "raised automatically when the steps are too few to reach the final rank",
+    )
+    warmup: float = option(0.1, help="fraction of the steps trained before the first pruning event")
+    cooldown: float = option(0.1, help="fraction of the steps trained at the final rank after the last event")
+    curvature: str = option(
+        "window",
+        help="gradient Gram matrices for the curvature: window = mean since the last pruning event, "
+        "batch = the current batch only (the gradient term uses the same source)",
+        choices=("window", "batch"),
+    )
+    damping: float = option(0.01, help="relative damping: lambda = damping * mean diagonal of each curvature")
+    use_gradient: bool = option(True, help="include the gradient term of the loss model (off: classical OBS)")
+    newton_step: bool = option(
+        False, help="also take the second-order (Newton) step on the remaining components when pruning"
+    )
+    removal: str = option(
+        "block",
+        help="block: remove the lowest-scoring components of a module at once with the block update; "
+        "sequential: remove them one at a time, downdating the inverse curvature and rescoring in between",
+        choices=("block", "sequential"),
+    )
+    normalization: str = option(
+        "none",
+        help="global schedule: scale each module's scores before ranking across modules (none: the scores "
+        "are estimated loss changes, already comparable; l2: divide by the module's score norm)",
+        choices=("none", "l2"),
+    )
+    min_rank: int = option(0, help="global schedule: no module goes below this rank (0 lets a module vanish)")
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        check(self.r0 >= 1, f"r0 must be >= 1, got {self.r0}")
+        check(1 <= self.rank < self.r0, f"the final rank must be in [1, r0={self.r0}), got {self.rank}")
+        check(self.alpha is None or self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
+        check(len(self.target_modules) > 0, "target_modules must name at least one module (e.g. q_proj)")
+        check(self.prune_every >= 1 and self.per_event >= 1, "prune_every and per_event must be >= 1")
+        check(0 <= self.warmup < 1 and 0 <= self.cooldown < 1 and self.warmup + self.cooldown < 1,
+              "warmup and cooldown are fractions of the steps in [0, 1) that leave steps to prune in")
+        check(self.damping > 0, f"damping must be > 0 (the curvature can be singular), got {self.damping}")
+        check(0 <= self.min_rank <= self.rank, f"min_rank must be in [0, rank={self.rank}], got {self.min_rank}")
+
+    @property
+    def lora_alpha(self) -> float:
+        """The alpha the adapter is created with (scaling `lora_alpha / r0` during the whole run)."""
+        return self.r0 if self.alpha is None else self.alpha

@@ -1,0 +1,224 @@
+"""The PrunedLoRA loop as plain functions: observe gradients every step, prune at scheduled steps.
+
+`RankPruner` works in any training loop:
+
+    pruner = RankPruner(peft_model, config, total_steps)
+    for step in range(1, total_steps + 1):
+        loss.backward()                    # (unscale AMP gradients first if you use a loss scaler)
+        pruner.observe_gradients()         # Gram accumulation, pruned gradients zeroed
+        optimizer.step()
+        pruner.step(step, optimizer)       # prunes when the schedule says so
+        optimizer.zero_grad()
+
+`RankPruningCallback` calls the same two methods from `transformers.Trainer`.
+
+At an event every module's active components are scored (design §1.2, `obs.py`): the
+curvatures `H_B`, `H_A` are the mean gradient Gram matrices since the last event (or the
+current batch), damped, inverted in one batched Cholesky per rank. The gradient term uses
+the mean gradient over the same window. The chosen components are removed with the OBS
+recovery update of the remaining ones (and optionally the Newton step), written back in
+place; the LoRA scaling `alpha / r0` is never changed. Under data parallelism every rank
+sees the same all-reduced gradients and takes the same decisions; rank 0's result is
+broadcast anyway so that round-off cannot make replicas drift.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from peft import PeftModel
+from torch import Tensor
+
+from loraprune.errors import LoraPruneError
+from loraprune.rank_pruning.config import RankPruningConfig
+from loraprune.rank_pruning.obs import SequentialRemoval, Side, block_removal, damped_inverse, removal_scores
+from loraprune.rank_pruning.schedule import RankSchedule
+from loraprune.rank_pruning.state import CurvatureStats, LoraModule, RankMasks, find_lora_modules
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PruningEvent:
+    """What one pruning event did."""
+
+    step: int
+    removed: dict[str, list[int]]
+    predicted_loss_change: float
+    total_rank: int
+    window_steps: int
+    seconds: float
+
+
+def global_removal_counts(scores: Sequence[Tensor], need: int, min_rank: int, normalization: str) -> list[int]:
+    """How many components each module loses when the `need` lowest scores over all modules go.
+
+    Scores are optionally divided by their module's L2 norm; no module drops below `min_rank`.
+    """
+    values, owners = [], []
+    for index, module_scores in enumerate(scores):
+        if normalization == "l2":
+            module_scores = module_scores / module_scores.norm().clamp_min(torch.finfo(module_scores.dtype).tiny)
+        allowed = torch.sort(module_scores).values[: max(module_scores.numel() - min_rank, 0)]
+        values.append(allowed)
+        owners.append(torch.full_like(allowed, index, dtype=torch.long))
+    values_all, owners_all = torch.cat(values), torch.cat(owners)
+    if need > values_all.numel():
+        raise LoraPruneError(f"cannot remove {need} components with min_rank={min_rank}")
+    chosen = owners_all[torch.argsort(values_all, stable=True)[:need]]
+    return torch.bincount(chosen, minlength=len(scores)).tolist()
+
+
+class RankPruner:
+    """Scores, removes and masks rank components of a PEFT LoRA adapter created at rank `config.r0`."""
+
+    def __init__(self, model: PeftModel, config: RankPruningConfig, total_steps: int,
+                 adapter: str = "default") -> None:
+        self.config = config
+        self.modules: list[LoraModule] = find_lora_modules(model, adapter)
+        expected_scaling = config.lora_alpha / config.r0
+        for module in self.modules:
+            rank, scaling = module.layer.r[adapter], module.layer.scaling[adapter]
+            if rank != config.r0 or abs(scaling - expected_scaling) > 1e-12 * expected_scaling:
+                raise LoraPruneError(
+                    f"{module.name} has rank {rank} and scaling {scaling}, but the pruning config expects rank "
+                    f"{config.r0} and scaling alpha/r0 = {expected_scaling}; create the adapter with "
+                    f"add_lora(model, r={config.r0}, alpha={config.lora_alpha})"
+                )
+        self.masks = RankMasks(self.modules, config.r0)
+        self.stats = CurvatureStats(self.modules, config.r0, keep_gradients=config.use_gradient)
+        if config.schedule == "per_module":
+            self.schedule = RankSchedule.paper(total_steps, config.r0, config.rank, config.prune_every,
+                                               config.per_event, config.warmup, config.cooldown)
+        else:
+            self.schedule = RankSchedule.cubic(total_steps, len(self.modules) * (config.r0 - config.rank),
+                                               config.prune_every, config.warmup, config.cooldown)
+        self.history: list[PruningEvent] = []
+        self.skipped_steps = 0
+
+    # ---- every step -------------------------------------------------------------------------
+
+    def observe_gradients(self) -> None:
+        """Zero pruned gradient slices and add the current gradients to the curvature statistics.
+
+        Call once per optimizer step, after the gradients are final (accumulated, all-reduced,
+        unscaled) and before `optimizer.step()`.
+        """
+        self.masks.zero_gradients()
+        if self.config.curvature == "batch":
+            self.stats.reset()
+        if not self.stats.accumulate():
+            self.skipped_steps += 1
+            logger.warning("non-finite LoRA gradients: this step is left out of the curvature statistics")
+
+    def step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> PruningEvent | None:
+        """Prune if optimizer step `step` (1-based, just completed) is a pruning event."""
+        target = self.schedule.removed_after(step)
+        if target is None:
+            return None
+        start = time.perf_counter()
+        ranks = self.masks.ranks()
+        sides = self._sides()
+        scores = [sum(removal_scores(side, self.config.newton_step) for side in pair) for pair in sides]
+        if self.schedule.per_module:
+            counts = [max(0, target - (self.config.r0 - rank)) for rank in ranks]
+        else:
+            need = target - sum(self.config.r0 - rank for rank in ranks)
+            counts = global_removal_counts(scores, max(need, 0), self.config.min_rank, self.config.normalization)
+        removed: dict[str, list[int]] = {}
+        predicted = 0.0
+        for index, count in enumerate(counts):
+            if count > 0:
+                components, loss = self._remove(index, sides[index], scores[index], count, optimizer)
+                removed[self.modules[index].name] = components.tolist()
+                predicted += float(loss)
+        self._broadcast()
+        event = PruningEvent(step, removed, predicted, sum(self.masks.ranks()), self.stats.count,
+                             time.perf_counter() - start)
+        self.history.append(event)
+        self.stats.reset()
+        logger.log(logging.INFO if removed else logging.DEBUG,
+                   "step %d: pruned %d components, total rank %d, predicted loss change %.4g (%.2fs)",
+                   step, sum(len(v) for v in removed.values()), event.total_rank, predicted, event.seconds)
+        return event
+
+    # ---- scoring and removal ----------------------------------------------------------------
+
+    def _sides(self) -> list[tuple[Side, Side]]:
+        """The quadratic models (B side, A side) of every module over its active components, in float64."""
+        count = max(self.stats.count, 1)
+        if self.stats.count == 0:
+            logger.warning("pruning without gradient statistics: the score falls back to magnitude")
+        ranks = self.masks.ranks()
+        hinv_b: list[Tensor | None] = [None] * len(self.modules)
+        hinv_a: list[Tensor | None] = [None] * len(self.modules)
+        for rank in sorted(set(ranks)):  # one batched inverse per distinct rank
+            members = [i for i, r in enumerate(ranks) if r == rank]
+            indices = torch.stack([self.masks.active_indices(i) for i in members])  # (m, rank)
+            for grams, out in ((self.stats.gram_b, hinv_b), (self.stats.gram_a, hinv_a)):
+                selected = grams[members].double() / count
+                selected = torch.gather(selected, 1, indices[:, :, None].expand(-1, -1, selected.shape[2]))
+                selected = torch.gather(selected, 2, indices[:, None, :].expand(-1, rank, -1))
+                for position, hinv in zip(members, damped_inverse(selected, self.config.damping)):
+                    out[position] = hinv
+        sides = []
+        for index, module in enumerate(self.modules):
+            active = self.masks.active_indices(index)
+            weight_b = module.lora_b.detach()[:, active].double()
+            weight_a = module.lora_a.detach()[active].double().T
+            grad_b = grad_a = None
+            if self.config.use_gradient and self.stats.count:
+                grad_b = self.stats.grad_b[index][:, active].double() / count
+                grad_a = self.stats.grad_a[index][active].double().T / count
+            sides.append((Side(weight_b, grad_b, hinv_b[index]), Side(weight_a, grad_a, hinv_a[index])))
+        return sides
+
+    @torch.no_grad()
+    def _remove(self, index: int, sides: tuple[Side, Side], scores: Tensor, count: int,
+                optimizer: torch.optim.Optimizer | None) -> tuple[Tensor, Tensor]:
+        """Remove `count` components of module `index` with the recovery update; returns them and the loss."""
+        active = self.masks.active_indices(index)
+        if self.config.removal == "block":
+            positions = torch.argsort(scores, stable=True)[:count]
+            (weight_b, weight_a), loss = block_removal(sides, positions, self.config.newton_step)
+        else:
+            sequential = SequentialRemoval(sides, self.config.newton_step)
+            sequential.greedy(count)
+            positions = torch.tensor(sequential.removed, dtype=torch.long, device=active.device)
+            weight_b, weight_a = sequential.weights()
+            loss = sequential.loss_change
+        module = self.modules[index]
+        module.lora_b[:, active] = weight_b.to(module.lora_b.dtype)
+        module.lora_a[active] = weight_a.T.to(module.lora_a.dtype)
+        components = active[positions]
+        self.masks.prune(index, components, optimizer)
+        return components, loss
+
+    def _broadcast(self) -> None:
+        """Make every data-parallel replica hold rank 0's masks and LoRA weights."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        dist.broadcast(self.masks.active, src=0)
+        for module in self.modules:
+            dist.broadcast(module.lora_a.data, src=0)
+            dist.broadcast(module.lora_b.data, src=0)
+
+    # ---- results ----------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        """True once the last scheduled event has run (the final budget is in force)."""
+        return bool(self.history) and self.history[-1].step >= self.schedule.events[-1]
+
+    def ranks(self) -> dict[str, int]:
+        """Current rank of every module, by module path."""
+        return {module.name: rank for module, rank in zip(self.modules, self.masks.ranks())}
+
+    def active_components(self) -> dict[str, Tensor]:
+        """Boolean mask of the active components of every module (on the CPU), by module path."""
+        return {module.name: self.masks.active[i].cpu() for i, module in enumerate(self.modules)}

@@ -1,0 +1,179 @@
+"""Per-module state of PrunedLoRA: the LoRA modules, their component masks, their curvature statistics.
+
+Masks enforce "no reactivation" three ways: pruned components are masked in the forward pass
+(a pre-hook on `lora_B` multiplies its `r0`-wide input by the mask), their gradients are
+zeroed before the optimizer step, and their optimizer moments are zeroed when they are pruned.
+With their weights also zero, AdamW (with or without weight decay) leaves them exactly zero.
+
+Curvature statistics are the gradient Gram matrices `G_Bᵀ·G_B` and `G_A·G_Aᵀ` (`r0 × r0` per
+module) and the gradient sums, accumulated once per optimizer step: `O(n·r0²)` per module,
+small next to the forward and backward passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from torch import Tensor, nn
+
+from loraprune.errors import LoraPruneError
+
+
+@dataclass
+class LoraModule:
+    """One LoRA-wrapped linear layer; `name` is its path inside the base model."""
+
+    name: str
+    layer: LoraLayer
+    adapter: str
+
+    @property
+    def lora_a(self) -> nn.Parameter:
+        """`A`, shape `(r, in_features)`."""
+        return self.layer.lora_A[self.adapter].weight
+
+    @property
+    def lora_b(self) -> nn.Parameter:
+        """`B`, shape `(out_features, r)`."""
+        return self.layer.lora_B[self.adapter].weight
+
+
+def find_lora_modules(model: PeftModel, adapter: str = "default") -> list[LoraModule]:
+    """The LoRA linear layers of adapter `adapter`, in module order."""
+    base = model.base_model.model if isinstance(model, PeftModel) else model
+    modules = [
+        LoraModule(name, module, adapter)
+        for name, module in base.named_modules()
+        if isinstance(module, LoraLayer) and adapter in getattr(module, "lora_A", {})
+    ]
+    if not modules:
+        raise LoraPruneError(f"the model has no LoRA linear layers for adapter {adapter!r}; wrap it with "
+                             "loraprune.lora.add_lora(model, r0) first")
+    for module in modules:
+        if module.layer.use_dora.get(adapter, False):
+            raise LoraPruneError(f"{module.name} uses DoRA, whose magnitude vector PrunedLoRA does not prune; "
+                                 "create the adapter without use_dora")
+    return modules
+
+
+class RankMasks:
+    """Which rank components of every module are still active, enforced in forward, grads and moments."""
+
+    def __init__(self, modules: list[LoraModule], r0: int) -> None:
+        self.modules = modules
+        device = modules[0].lora_b.device
+        self.active = torch.ones(len(modules), r0, dtype=torch.bool, device=device)
+        self._hooks = [
+            module.layer.lora_B[module.adapter].register_forward_pre_hook(self._make_hook(index))
+            for index, module in enumerate(modules)
+        ]
+
+    def _make_hook(self, index: int):
+        def mask_input(_module: nn.Module, args: tuple) -> tuple:
+            x = args[0]
+            return (x * self.active[index].to(device=x.device, dtype=x.dtype), *args[1:])
+
+        return mask_input
+
+    def ranks(self) -> list[int]:
+        """Current rank (number of active components) of every module."""
+        return self.active.sum(1).tolist()
+
+    def active_indices(self, index: int) -> Tensor:
+        """Indices of the active components of module `index`."""
+        return torch.nonzero(self.active[index]).flatten()
+
+    @torch.no_grad()
+    def zero_gradients(self) -> None:
+        """Zero the gradient slices of pruned components (call before the optimizer step)."""
+        for index, module in enumerate(self.modules):
+            pruned = ~self.active[index]
+            if not pruned.any():
+                continue
+            if module.lora_a.grad is not None:
+                module.lora_a.grad[pruned.to(module.lora_a.device)] = 0.0
+            if module.lora_b.grad is not None:
+                module.lora_b.grad[:, pruned.to(module.lora_b.device)] = 0.0
+
+    @torch.no_grad()
+    def prune(self, index: int, components: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Mark `components` of module `index` pruned, zero their weights and optimizer state slices.
+
+        Every optimizer state tensor shaped like the parameter (Adam's `exp_avg` and
+        `exp_avg_sq`, SGD's momentum) is zeroed on the pruned slices; the state of the
+        remaining (compensated) components is kept as it is.
+        """
+        module = self.modules[index]
+        self.active[index, components.to(self.active.device)] = False
+        pairs = ((module.lora_a, (components.to(module.lora_a.device),)),
+                 (module.lora_b, (slice(None), components.to(module.lora_b.device))))
+        for param, where in pairs:
+            param[where] = 0.0
+            state = optimizer.state.get(param, {}) if optimizer is not None else {}
+            for value in state.values():
+                if isinstance(value, Tensor) and value.shape == param.shape:
+                    value[where] = 0.0
+
+    def remove_hooks(self) -> None:
+        """Detach the forward masks (the pruned weights stay zero, so outputs do not change)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+class CurvatureStats:
+    """Sums of gradient Gram matrices and gradients of every module since the last reset."""
+
+    def __init__(self, modules: list[LoraModule], r0: int, keep_gradients: bool) -> None:
+        self.modules = modules
+        device = modules[0].lora_b.device
+        self.gram_a = torch.zeros(len(modules), r0, r0, device=device)
+        self.gram_b = torch.zeros(len(modules), r0, r0, device=device)
+        self.keep_gradients = keep_gradients
+        self.grad_a: list[Tensor] = []
+        self.grad_b: list[Tensor] = []
+        self.count = 0
+
+    def reset(self) -> None:
+        """Forget everything accumulated (a new window starts)."""
+        self.gram_a.zero_()
+        self.gram_b.zero_()
+        self.grad_a, self.grad_b = [], []
+        self.count = 0
+
+    @torch.no_grad()
+    def accumulate(self) -> bool:
+        """Add the current gradients; returns False (and adds nothing) if a gradient is not finite."""
+        gram_a = torch.zeros_like(self.gram_a)
+        gram_b = torch.zeros_like(self.gram_b)
+        grads = []
+        for index, module in enumerate(self.modules):
+            g_a = _grad(module.lora_a)
+            g_b = _grad(module.lora_b)
+            torch.mm(g_a, g_a.T, out=gram_a[index])
+            torch.mm(g_b.T, g_b, out=gram_b[index])
+            grads.append((g_a, g_b))
+        if not (torch.isfinite(gram_a).all() and torch.isfinite(gram_b).all()):
+            return False
+        self.gram_a += gram_a
+        self.gram_b += gram_b
+        if self.keep_gradients:
+            if not self.grad_a:
+                self.grad_a = [g_a.clone() for g_a, _ in grads]
+                self.grad_b = [g_b.clone() for _, g_b in grads]
+            else:
+                for total_a, total_b, (g_a, g_b) in zip(self.grad_a, self.grad_b, grads):
+                    total_a += g_a
+                    total_b += g_b
+        self.count += 1
+        return True
+
+
+def _grad(param: nn.Parameter) -> Tensor:
+    """The gradient of `param` in float32 (zeros when it received none)."""
+    if param.grad is None:
+        return torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+    return param.grad.detach().float()
