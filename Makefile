@@ -7,6 +7,10 @@ BIN    := $(VENV)/bin
 # machine `make TORCH_SPEC=torch` (or any install of your own) works the same way.
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# Local copies of WikiText-2 / GSM8K (machines without a dataset hub); unset = the hub.
+SHARED_DATA := $(abspath ../shared/data)
+export LORAPRUNE_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
+DEMO_OUT ?= outputs/demo-smollm2-magnitude-20
 
 .PHONY: demo test lint venv clean-venv
 
@@ -21,7 +25,9 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m loraprune.demo
+	$(BIN)/loraprune inspect | tail -n 2
+	$(BIN)/loraprune prune-model --model smollm2-135m --method magnitude --sparsity 0.2 \
+		--eval-data wikitext2 --eval-max-tokens 16384 --output $(DEMO_OUT) --overwrite
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

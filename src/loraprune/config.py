@@ -70,3 +70,67 @@ def dataclass_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     values.update(overrides)
     return cls(**values)
+
+
+ATTENTION_UNITS = ("auto", "kv_group", "query_head", "head")
+ALLOCATIONS = ("global", "uniform")
+
+
+@dataclasses.dataclass
+class PruneModelConfig:
+    """Settings of `loraprune prune-model` / `loraprune.api.prune_model`."""
+
+    output: str = option("", help="directory to write the pruned model, its tokenizer and loraprune_report.json")
+    model: str = option(
+        "smollm2-135m", help="local Hugging Face directory, hub id, or the embedded default 'smollm2-135m'"
+    )
+    method: str = option("magnitude", help="how units are scored (see `loraprune prune-model --help`)")
+    sparsity: float = option(
+        0.2,
+        help="fraction of the decoder layers' attention+MLP parameters to remove (embeddings, norms and the "
+        "LM head are never pruned; the report also gives the fraction of all parameters)",
+    )
+    attention_sparsity: float | None = option(
+        None, help="separate target for attention (fraction of all heads / KV groups); overrides --sparsity for it"
+    )
+    mlp_sparsity: float | None = option(
+        None, help="separate target for MLP channels (fraction of all channels); overrides --sparsity for them"
+    )
+    allocation: str = option(
+        "global",
+        help="'global': rank units across all prunable layers; 'uniform': remove the same number in every "
+        "prunable layer (a single-width model that loads with the stock config)",
+        choices=ALLOCATIONS,
+    )
+    attention_unit: str = option(
+        "auto",
+        help="what an attention group is: 'kv_group' (a key/value head with its query heads), 'query_head' "
+        "(query heads, the same number from every KV group), 'head' (multi-head attention); 'auto' picks "
+        "'head' for MHA and 'kv_group' for GQA",
+        choices=ATTENTION_UNITS,
+    )
+    layers: str = option("all", help="prunable decoder layers, e.g. 'all', '4-27', '0,2,5-7' (ends inclusive)")
+    calibration_data: str = option(
+        "wikitext2", help="text for data-driven criteria and LoRA training: corpus name or text file"
+    )
+    calibration_samples: int = option(16, help="number of calibration windows for one-shot criteria")
+    seq_len: int = option(128, help="tokens per calibration / training window")
+    eval_data: str | None = option(None, help="evaluate perplexity before and after on this corpus or text file")
+    eval_seq_len: int = option(128, help="window length of the perplexity evaluation")
+    eval_max_tokens: int | None = option(None, help="evaluate on the first N tokens only (default: the whole text)")
+    dtype: str = option("float32", help="dtype to load and prune the model in (float32, bfloat16, float16)")
+    seed: int = option(0, help="seed for calibration sampling, random scores and training")
+    overwrite: bool = option(False, help="replace OUTPUT if it exists (the old one stays until the new one is done)")
+
+    def __post_init__(self) -> None:
+        check(bool(self.output), "an output directory is required (--output DIR)")
+        check(0 <= self.sparsity < 1, f"sparsity must be in [0, 1), got {self.sparsity}")
+        for name in ("attention_sparsity", "mlp_sparsity"):
+            value = getattr(self, name)
+            check(value is None or 0 <= value < 1, f"{name.replace('_', '-')} must be in [0, 1), got {value}")
+        check(self.allocation in ALLOCATIONS, f"allocation must be one of {ALLOCATIONS}")
+        check(self.attention_unit in ATTENTION_UNITS, f"attention unit must be one of {ATTENTION_UNITS}")
+        check(self.calibration_samples >= 1, "calibration samples must be >= 1")
+        check(self.seq_len >= 2 and self.eval_seq_len >= 2, "sequence lengths must be >= 2")
+        check(self.eval_max_tokens is None or self.eval_max_tokens >= self.eval_seq_len,
+              "eval-max-tokens must be at least one window (eval-seq-len)")

@@ -1,0 +1,105 @@
+"""Python entry points: what the command line calls, usable from notebooks and scripts."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loraprune.config import PruneModelConfig
+from loraprune.data import calibration_batches, load_text
+from loraprune.evaluation.perplexity import evaluate_perplexity
+from loraprune.importance import get_criterion
+from loraprune.io import check_output_dir, save_pruned_model, write_json
+from loraprune.models import load_model
+from loraprune.report import directory_size, pruning_report, size_summary
+from loraprune.selection import parse_layers, plan_budget, select
+from loraprune.shrink import shrink_model
+from loraprune.structure import full_masks, get_adapter
+from loraprune.structure.groups import masks_to_lists
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "loraprune_report.json"
+
+
+@dataclass
+class PruneResult:
+    """The pruned model (in memory, shrunk), where it was written, and its report."""
+
+    model: nn.Module
+    tokenizer: Any
+    output: Path
+    report: dict[str, Any]
+
+
+def _perplexity(model: nn.Module, tokenizer: Any, config: PruneModelConfig, label: str) -> dict[str, Any] | None:
+    if not config.eval_data:
+        return None
+    logger.info("perplexity %s pruning on %s (seq_len %d)", label, config.eval_data, config.eval_seq_len)
+    result = evaluate_perplexity(
+        model, tokenizer, config.eval_data, seq_len=config.eval_seq_len, max_tokens=config.eval_max_tokens,
+        model_name=config.model,
+    )
+    logger.info("%s", result)
+    return result.to_dict()
+
+
+def prune_model(config: PruneModelConfig) -> PruneResult:
+    """Prune heads / KV groups and MLP channels of `config.model` and save the smaller model.
+
+    Checks every input before the long work starts (output directory, data files, budget)
+    and writes the output atomically, with `loraprune_report.json` beside the weights.
+    """
+    output = check_output_dir(config.output, config.overwrite)
+    if config.eval_data:
+        load_text(config.eval_data)  # a missing file fails now, not after pruning
+    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    adapter = get_adapter(model)
+    families = adapter.families(model, config.attention_unit)
+    prunable = parse_layers(config.layers, len(adapter.layer_sizes(model)))
+    budget = plan_budget(
+        families, prunable, config.sparsity, allocation=config.allocation,
+        attention_sparsity=config.attention_sparsity, mlp_sparsity=config.mlp_sparsity,
+    )
+    criterion = get_criterion(config.method, **({"seed": config.seed} if config.method == "random" else {}))
+    batches = None
+    if criterion.needs_data:
+        batches = calibration_batches(
+            tokenizer, config.calibration_data, config.calibration_samples, config.seq_len, config.seed
+        )
+    before = size_summary(model)
+    perplexity_before = _perplexity(model, tokenizer, config, "before")
+
+    started = time.perf_counter()
+    scores = criterion.score(model, families, batches)
+    masks = select(families, scores, full_masks(families), budget, prunable_layers=prunable,
+                   allocation=config.allocation)
+    shrink_model(model, families, masks)
+    prune_seconds = time.perf_counter() - started
+
+    perplexity_after = _perplexity(model, tokenizer, config, "after")
+    report = pruning_report(
+        before, model,
+        method=config.method,
+        sparsity_definition="fraction of decoder-layer attention+MLP parameters removed",
+        prunable_layers=prunable,
+        attention_unit=families[0].unit,
+        units_removed={"attention": budget.attention, "mlp": budget.mlp},
+        perplexity_before=perplexity_before,
+        perplexity_after=perplexity_after,
+        prune_seconds=prune_seconds,
+        masks=masks_to_lists(masks),
+        settings=dataclasses.asdict(config),
+        torch_threads=torch.get_num_threads(),
+    )
+    save_pruned_model(model, tokenizer, output, overwrite=config.overwrite, extra_json={REPORT_FILE: report})
+    report["file_size_bytes"] = directory_size(output)
+    write_json(output / REPORT_FILE, report)
+    return PruneResult(model=model, tokenizer=tokenizer, output=output, report=report)
