@@ -1,0 +1,159 @@
+"""Python entry points of adapter-rank pruning: PrunedLoRA and its baselines in one harness.
+
+Every method goes through the same `train_adapter` (same data, steps, learning-rate schedule
+and seed via `loraprune.training.train`); only the adapter and its callbacks differ:
+
+* `prunedlora`: LoRA at `r0`, pruned to `rank` by `RankPruningCallback`;
+* `lora`: plain LoRA at `rank`; `lora-r0`: plain LoRA at `r0`;
+* `adalora`: PEFT AdaLoRA from `r0` to an average `rank`.
+
+All use the scaling `alpha / r0` of PrunedLoRA's config (LoRA at rank `r` gets
+`alpha · r / r0`), so only the rank differs between them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import PreTrainedModel, TrainerCallback
+
+from loraprune.config import check, option
+from loraprune.data import SFTCollator, load_sft_records, tokenize_sft
+from loraprune.io import atomic_directory, check_output_dir, write_json
+from loraprune.lora import add_lora
+from loraprune.models import DEFAULT_MODEL, load_model
+from loraprune.rank_pruning.adalora import AdaLoraBudgetCallback, adalora_ranks, add_adalora
+from loraprune.rank_pruning.callback import RankPruningCallback
+from loraprune.rank_pruning.config import RankPruningConfig
+from loraprune.rank_pruning.export import ADAPTER_WEIGHTS, RANKS_FILE, ExportedAdapter, export_pruned_adapter
+from loraprune.rank_pruning.pruner import RankPruner
+from loraprune.rank_pruning.state import find_lora_modules
+from loraprune.training import TrainingConfig, train
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("prunedlora", "lora", "lora-r0", "adalora")
+
+
+@dataclass
+class AdapterRunConfig:
+    """What to fine-tune, on which data, with which method, and where the adapter goes."""
+
+    model: str = option(DEFAULT_MODEL, help="base model: local directory, hub id, or the embedded default")
+    data: str = option("gsm8k", help="SFT data: 'gsm8k' or a JSONL file of {question, answer} records")
+    output: str | None = option(None, help="directory the adapter is written to (PEFT format)")
+    method: str = option(
+        "prunedlora", help="prunedlora, or a baseline: lora (rank R), lora-r0 (rank R0), adalora (R0 -> R)",
+        choices=METHODS,
+    )
+    train_limit: int | None = option(None, help="train on the first N records only")
+    max_answer_tokens: int = option(256, help="answers are cut at this many tokens (EOS included)")
+    dtype: str = option("float32", help="dtype the base model is loaded in", choices=("float32", "bfloat16",
+                                                                                       "float16"))
+    overwrite: bool = option(False, help="replace an existing output directory")
+
+    def __post_init__(self) -> None:
+        check(self.train_limit is None or self.train_limit >= 1, "train_limit must be >= 1")
+        check(self.max_answer_tokens >= 1, "max_answer_tokens must be >= 1")
+
+
+@dataclass
+class AdapterRun:
+    """A trained adapter and how it was obtained."""
+
+    method: str
+    model: PeftModel
+    log_history: list[dict]
+    train_seconds: float
+    ranks: dict[str, int]
+    pruner: RankPruner | None = None
+    pruning_events: list[dict[str, Any]] = field(default_factory=list)
+
+
+def create_adapter(model: PreTrainedModel, method: str, pruning: RankPruningConfig,
+                   total_steps: int) -> tuple[PeftModel, list[TrainerCallback]]:
+    """Wrap `model` in the adapter of `method` and return the callbacks its training needs."""
+    check(method in METHODS, f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    scaling = pruning.lora_alpha / pruning.r0
+    targets = pruning.target_modules
+    if method == "prunedlora":
+        return add_lora(model, pruning.r0, pruning.lora_alpha, targets), [RankPruningCallback(pruning)]
+    if method == "lora":
+        return add_lora(model, pruning.rank, scaling * pruning.rank, targets), []
+    if method == "lora-r0":
+        return add_lora(model, pruning.r0, pruning.lora_alpha, targets), []
+    adapter = add_adalora(model, pruning.r0, pruning.rank, pruning.lora_alpha, targets, total_steps,
+                          pruning.warmup, pruning.cooldown, pruning.prune_every)
+    return adapter, [AdaLoraBudgetCallback()]
+
+
+def train_adapter(model: PreTrainedModel, train_dataset: Any, data_collator: Any, method: str,
+                  pruning: RankPruningConfig, training: TrainingConfig) -> AdapterRun:
+    """Fine-tune `model` with the adapter of `method`; the returned run holds the final ranks."""
+    torch.manual_seed(training.seed)  # adapter initialisation, identical across methods
+    adapter, callbacks = create_adapter(model, method, pruning, training.steps)
+    start = time.perf_counter()
+    history = train(adapter, train_dataset, data_collator, training, callbacks=callbacks)
+    seconds = time.perf_counter() - start
+    pruner = next((c.pruner for c in callbacks if isinstance(c, RankPruningCallback)), None)
+    if pruner is not None:
+        ranks = pruner.ranks()
+    elif method == "adalora":
+        ranks = adalora_ranks(adapter)
+    else:
+        ranks = {m.name: m.layer.r[m.adapter] for m in find_lora_modules(adapter)}
+    events = [] if pruner is None else [
+        {"step": e.step, "removed": sum(map(len, e.removed.values())), "total_rank": e.total_rank,
+         "predicted_loss_change": e.predicted_loss_change, "seconds": e.seconds}
+        for e in pruner.history
+    ]
+    adapter.eval()
+    return AdapterRun(method, adapter, history, seconds, ranks, pruner, events)
+
+
+def save_adapter(run: AdapterRun, output_dir: str | Path, base_model_name_or_path: str | None = None,
+                 overwrite: bool = False) -> ExportedAdapter:
+    """Save the run's adapter in standard PEFT format, physically at its final ranks."""
+    if run.method != "adalora":
+        active = (run.pruner.active_components() if run.pruner is not None else
+                  {name: torch.ones(rank, dtype=torch.bool) for name, rank in run.ranks.items()})
+        return export_pruned_adapter(run.model, active, output_dir, base_model_name_or_path, overwrite=overwrite)
+    if base_model_name_or_path is not None:
+        run.model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
+    with atomic_directory(output_dir, overwrite=overwrite) as staging:
+        run.model.save_pretrained(str(staging))  # PEFT shrinks AdaLoRA by its rank_pattern
+        write_json(staging / RANKS_FILE, {"ranks": run.ranks,
+                                          "dropped_modules": [n for n, r in run.ranks.items() if r == 0]})
+    path = Path(output_dir)
+    with safe_open(path / ADAPTER_WEIGHTS, "pt") as weights:
+        parameters = sum(torch.Size(weights.get_slice(k).get_shape()).numel() for k in weights.keys())  # noqa: SIM118
+    return ExportedAdapter(path, {n: r for n, r in run.ranks.items() if r > 0},
+                           [n for n, r in run.ranks.items() if r == 0], parameters,
+                           (path / ADAPTER_WEIGHTS).stat().st_size)
+
+
+def load_sft_dataset(data: str, tokenizer: Any, limit: int | None = None,
+                     max_answer_tokens: int = 256) -> tuple[list[dict], SFTCollator]:
+    """Tokenised SFT examples (loss on answer tokens only) and their padding collator."""
+    records = load_sft_records(data, split="train", limit=limit)
+    return tokenize_sft(records, tokenizer, max_answer_tokens), SFTCollator(tokenizer.pad_token_id)
+
+
+def prune_adapter(run_config: AdapterRunConfig, pruning: RankPruningConfig,
+                  training: TrainingConfig) -> tuple[AdapterRun, ExportedAdapter]:
+    """Load the model and data, fine-tune with `run_config.method`, save the adapter; the whole job."""
+    check(run_config.output is not None, "an output directory is needed (--output DIR)")
+    check_output_dir(run_config.output, run_config.overwrite)  # fail before the long training
+    model, tokenizer = load_model(run_config.model, dtype=run_config.dtype)
+    dataset, collator = load_sft_dataset(run_config.data, tokenizer, run_config.train_limit,
+                                         run_config.max_answer_tokens)
+    run = train_adapter(model, dataset, collator, run_config.method, pruning, training)
+    exported = save_adapter(run, run_config.output, model.name_or_path, overwrite=run_config.overwrite)
+    return run, exported

@@ -1,0 +1,65 @@
+"""`loraprune prune-adapter` and the baselines through the same harness, on a tiny model and real GSM8K rows."""
+
+import json
+
+import pytest
+import torch
+
+from loraprune.cli import main
+from loraprune.models import load_model
+from loraprune.rank_pruning.api import create_adapter
+from loraprune.rank_pruning.config import RankPruningConfig
+
+
+def run_cli(tiny_model_dir, data_dir, output, *extra):
+    return main([
+        "prune-adapter", "--model", str(tiny_model_dir), "--data", str(data_dir / "gsm8k" / "train.jsonl"),
+        "--train-limit", "8", "--max-answer-tokens", "24", "--r0", "8", "--rank", "2", "--steps", "6",
+        "--batch-size", "2", "--prune-every", "2", "--logging-steps", "100", "--output", str(output), *extra,
+    ])
+
+
+def test_cli_prunes_saves_and_the_adapter_loads(tiny_model_dir, data_dir, tmp_path, capsys):
+    output = tmp_path / "adapter"
+    assert run_cli(tiny_model_dir, data_dir, output) == 0
+    printed = capsys.readouterr().out
+    assert "total rank 28" in printed and "q_proj" in printed  # 2 layers x 7 modules at rank 2
+    ranks = json.loads((output / "pruned_ranks.json").read_text())["ranks"]
+    assert set(ranks.values()) == {2} and len(ranks) == 14
+    config = json.loads((output / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)
+    model, _ = load_model(str(tiny_model_dir), adapter=str(output))
+    assert model.peft_config["default"].rank_pattern == ranks
+    # the output exists now: a second run without --overwrite fails before training
+    assert run_cli(tiny_model_dir, data_dir, output) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,total_rank", [("lora", 28), ("lora-r0", 112), ("adalora", None)])
+def test_baselines_run_through_the_same_command(tiny_model_dir, data_dir, tmp_path, method, total_rank):
+    output = tmp_path / method
+    assert run_cli(tiny_model_dir, data_dir, output, "--method", method) == 0
+    ranks = json.loads((output / "pruned_ranks.json").read_text())["ranks"]
+    if total_rank is not None:
+        assert sum(ranks.values()) == total_rank
+    else:  # AdaLoRA reaches its budget (an average rank of 2) by its own schedule
+        assert sum(ranks.values()) <= 2 * len(ranks)
+    assert (output / "adapter_model.safetensors").is_file()
+
+
+def test_all_methods_share_the_training_scaling(tiny_llama):
+    config = RankPruningConfig(r0=8, rank=2, alpha=16)
+    for method in ("prunedlora", "lora", "lora-r0"):
+        model, _ = create_adapter(build_copy(tiny_llama), method, config, total_steps=10)
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        assert layer.scaling["default"] == pytest.approx(2.0)
+    model, callbacks = create_adapter(build_copy(tiny_llama), "adalora", config, total_steps=10)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] / layer.ranknum["default"].item() == pytest.approx(2.0)
+    assert len(callbacks) == 1
+
+
+def build_copy(model):
+    clone = type(model)(model.config)
+    clone.load_state_dict(model.state_dict())
+    return clone.to(torch.float32)
