@@ -9,13 +9,13 @@ import textwrap
 
 import pytest
 import torch
-from tiny_models import tiny_model, token_batch
 from transformers import AutoModelForCausalLM
 
 import loraprune  # noqa: F401  (registers the per-layer-width classes)
 from loraprune.io import OutputExistsError, atomic_directory, save_pruned_model
 from loraprune.shrink import shrink_model
 from loraprune.structure import full_masks, get_adapter
+from tiny_models import tiny_model, token_batch
 
 # Runs in a fresh interpreter in which `import loraprune` fails, as on a machine without it.
 LOAD_WITHOUT_LORAPRUNE = textwrap.dedent(

@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 
 from loraprune.errors import ConfigError
@@ -8,7 +10,7 @@ from loraprune.schedule import CubicSchedule
 def test_amount_is_monotone_and_reaches_target_exactly(total_steps, warm, cool, units):
     schedule = CubicSchedule(total_steps, warm, cool)
     amounts = [schedule.amount(t, units) for t in range(0, total_steps + 1)]
-    assert all(a <= b for a, b in zip(amounts, amounts[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(amounts))
     assert amounts[warm] == 0
     assert amounts[schedule.ramp_end] == units
     assert amounts[-1] == units

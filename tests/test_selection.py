@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model
 
 from loraprune.errors import ConfigError
 from loraprune.selection import parse_layers, plan_budget, select
 from loraprune.structure import full_masks, get_adapter
 from loraprune.structure.groups import removed_params, total_params
+from tiny_models import tiny_model
 
 
 def _families(unit="kv_group", layers=4, heads=6, kv_heads=3):

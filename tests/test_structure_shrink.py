@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_models import ARCHITECTURES, tiny_model, token_batch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from loraprune.errors import ConfigError, LoraPruneError
@@ -14,6 +13,7 @@ from loraprune.masking import MaskHooks
 from loraprune.shrink import shrink_model
 from loraprune.structure import UnsupportedArchitectureError, full_masks, get_adapter
 from loraprune.structure.groups import removed_params, total_params
+from tiny_models import ARCHITECTURES, tiny_model, token_batch
 
 CASES = [  # (architecture, query heads, kv heads, attention unit)
     ("llama", 4, 4, "head"),
