@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from peft import LoraConfig, get_peft_model
 
 import loraprune.cli.eval_cmd as eval_cmd
 from loraprune.cli import main
@@ -35,6 +36,19 @@ def test_eval_prints_and_writes_the_perplexity_with_its_settings(tiny_model_dir,
     printed = capsys.readouterr().out
     assert f"perplexity {result['perplexity']:.4f}" in printed and "192 tokens" in printed
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_eval_applies_an_adapter(tiny_model_dir, tiny_llama, tiny_tokenizer, text_file, tmp_path):
+    peft_model = get_peft_model(tiny_llama, LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "adapted.json"
+    argv = ["eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"), "--data", str(text_file),
+            "--seq-len", "32", "--no-progress", "--json", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    expected = evaluate_perplexity(peft_model, tiny_tokenizer, str(text_file), seq_len=32, progress=False)
+    assert result["adapter"] == str(tmp_path / "adapter")
+    assert result["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6)
 
 
 def test_missing_output_directory_fails_before_loading(monkeypatch, tiny_model_dir, text_file, tmp_path, capsys):

@@ -40,6 +40,13 @@ def test_hub_id_is_passed_through():
     assert resolve_model_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
 
 
+def test_missing_directory_under_a_local_folder_is_not_taken_for_a_hub_id(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(LoraPruneError, match="model directory models/typo does not exist"):
+        resolve_model_path("models/typo")
+
+
 def test_missing_embedded_package_names_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setenv("LORAPRUNE_CACHE", str(tmp_path))
     real_find_spec = importlib.util.find_spec

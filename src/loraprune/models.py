@@ -89,6 +89,8 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path in EMBEDDED_MODELS:
         return str(_cached_embedded_model(name_or_path))
     if _HUB_ID.match(name_or_path):
+        if Path(name_or_path.split("/")[0]).is_dir():
+            raise LoraPruneError(f"model directory {path} does not exist")  # a local path, mistyped
         return name_or_path
     raise LoraPruneError(
         f"model {name_or_path!r} is neither a directory with a config.json, nor an embedded model "

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from loraprune.config import add_dataclass_arguments, dataclass_from_args
 from loraprune.evaluation import EvalConfig, evaluate_perplexity
+from loraprune.io import write_json
 from loraprune.models import default_device, load_model
 
 
@@ -44,20 +41,7 @@ def run(args: argparse.Namespace) -> int:
     print(result)
     report.update(result.to_dict())
     if config.json is not None:
-        write_json_atomic(Path(config.json), report)
+        write_json(config.json, report)
         print(f"wrote {config.json}")
     return 0
 
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write `payload` to `path` through a temporary file beside it, so readers never see half a file."""
-    path = path.expanduser()
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False, encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
-    try:
-        os.replace(handle.name, path)
-    except OSError:
-        os.unlink(handle.name)
-        raise

@@ -20,7 +20,7 @@ class EvalConfig:
     data: str = option("wikitext2", help="text to score: 'wikitext2', 'ptb', or the path of a text file")
     split: str = option("test", help="split of a named corpus (test, valid, train)")
     seq_len: int = option(128, help="tokens per non-overlapping window (128 as in LLM-Pruner/LoRAPrune)")
-    max_tokens: int | None = option(None, help="score only the first N tokens of the text (default: all)")
+    max_tokens: int | None = option(None, help="score only the first N tokens of the text; None scores all of it")
     batch_size: int = option(8, help="windows per forward pass")
     dtype: str = option("float32", help="dtype to load the model in", choices=tuple(DTYPES))
     device: str = option("auto", help="torch device; 'auto' picks cuda when available, else cpu")
