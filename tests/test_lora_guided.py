@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
-from tiny_models import tiny_model, token_batch
 
 from loraprune.errors import LoraPruneError
 from loraprune.importance import get_criterion
 from loraprune.importance.lora_guided import LoraGuidedCriterion, element_importance, estimated_gradient
 from loraprune.lora import add_lora
 from loraprune.structure import get_adapter, unwrap_model
+from tiny_models import tiny_model, token_batch
 
 
 def _randomised_lora(r: int = 4, seed: int = 0, targets=None):

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 from loraprune.errors import ConfigError
 from loraprune.importance.base import Criterion, unit_scores
+from loraprune.importance.lora_guided import LoraGuidedCriterion
 from loraprune.importance.magnitude import MagnitudeCriterion
 from loraprune.importance.random import RandomCriterion
+from loraprune.importance.taylor import TaylorCriterion
+from loraprune.importance.wanda_sp import WandaSPCriterion
 
 CRITERIA: dict[str, type[Criterion]] = {
     MagnitudeCriterion.name: MagnitudeCriterion,
     RandomCriterion.name: RandomCriterion,
+    TaylorCriterion.name: TaylorCriterion,
+    WandaSPCriterion.name: WandaSPCriterion,
+    LoraGuidedCriterion.name: LoraGuidedCriterion,
 }
 
 
