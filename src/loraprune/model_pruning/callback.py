@@ -1,0 +1,93 @@
+"""`transformers.TrainerCallback` that runs LoRAPrune inside `Trainer.train()` (or TRL's SFTTrainer).
+
+    callback = LoRAPruneCallback(PruningTarget(sparsity=0.5))
+    Trainer(model=add_lora(model, r=8), args=..., train_dataset=..., callbacks=[callback]).train()
+    callback.pruner.finish()   # physically smaller base model and LoRA, ready to merge and save
+
+The Trainer (transformers 5) runs, per optimizer step: the micro-batches' backward passes,
+gradient clipping (with `fp16` the loss scaler unscales the gradients first; without
+clipping the norm is still computed, which unscales too), `on_pre_optimizer_step`,
+`optimizer.step()`, `on_optimizer_step`, then `zero_grad`. So the LoRA gradients are read
+in `on_pre_optimizer_step`, final and unscaled (clipping multiplies every gradient of the
+step by the same factor, which the per-matrix normalisation of the scores removes), and
+pruning runs in `on_optimizer_step`, when the optimizer state to zero exists.
+
+Checkpoints: `on_save` writes the pruner's state (`STATE_FILE`) into the Trainer's
+checkpoint folder; when a run resumes (`trainer.train(resume_from_checkpoint=...)`), the
+state is read back from `<output_dir>/checkpoint-<step>` or from `resume_from`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from loraprune.errors import LoraPruneError
+from loraprune.model_pruning.config import LoRAPruneConfig
+from loraprune.model_pruning.pruner import ModelPruner, PruningTarget
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "loraprune_model_pruning.pt"
+
+
+class LoRAPruneCallback(TrainerCallback):
+    """Prunes heads / KV groups and MLP channels of the base model while `Trainer` trains its LoRA adapter.
+
+    `pruner` (a `ModelPruner`) holds the masks, scores and history once training has begun.
+    """
+
+    def __init__(self, target: PruningTarget, config: LoRAPruneConfig | None = None, adapter: str = "default",
+                 resume_from: str | Path | None = None) -> None:
+        self.target = target
+        self.config = config or LoRAPruneConfig()
+        self.adapter = adapter
+        self.resume_from = resume_from
+        self.pruner: ModelPruner | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model=None, optimizer=None, **kwargs) -> None:
+        if self.pruner is not None:
+            raise LoraPruneError("a LoRAPruneCallback prunes one training run; create a new one per Trainer")
+        self.pruner = ModelPruner(model, state.max_steps, self.target, self.config, self.adapter)
+        if state.global_step > 0:
+            self._resume(args, state, optimizer)
+
+    def _resume(self, args: TrainingArguments, state: TrainerState, optimizer) -> None:
+        folder = Path(self.resume_from or Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        path = folder / STATE_FILE
+        if not path.is_file():
+            raise LoraPruneError(f"resuming at step {state.global_step} but {path} does not exist; pass "
+                                 "LoRAPruneCallback(..., resume_from=<the checkpoint folder>)")
+        saved = torch.load(path, weights_only=True)
+        if saved.get("step") != state.global_step:
+            raise LoraPruneError(f"{path} holds LoRAPrune's state at step {saved.get('step')}, the Trainer resumes "
+                                 f"at step {state.global_step}")
+        self.pruner.load_state_dict(saved, optimizer)
+        logger.info("LoRAPrune resumed at step %d from %s", state.global_step, path)
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                              **kwargs) -> None:
+        self.pruner.observe()
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                          optimizer=None, **kwargs) -> None:
+        self.pruner.after_optimizer_step(optimizer)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if folder.is_dir():
+            torch.save(self.pruner.state_dict(), folder / STATE_FILE)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs) -> None:
+        if not self.pruner.finished:
+            logger.warning("LoRAPrune: training ended at step %d before the target was reached (%.2f%% of decoder "
+                           "params removed); the schedule reaches it at step %d", state.global_step,
+                           100 * self.pruner.decoder_sparsity(), self.pruner.schedule.ramp_end)

@@ -1,0 +1,317 @@
+"""The LoRAPrune loop as plain methods: score every step, prune at scheduled steps, keep pruned slices still.
+
+`ModelPruner` works in any training loop of a PEFT LoRA model:
+
+    pruner = ModelPruner(peft_model, total_steps, sparsity=0.5)
+    for step in range(total_steps):
+        loss.backward()                     # accumulate micro-batches as usual
+        pruner.observe(loss_scale=1.0)      # before optimizer.step(): reads the LoRA gradients
+        optimizer.step()
+        pruner.after_optimizer_step(optimizer)
+        optimizer.zero_grad()
+    pruner.finish()                         # physically removes the pruned units (base and LoRA)
+
+`LoRAPruneCallback` calls the same methods from `transformers.Trainer`.
+
+Every optimizer step the LoRA-guided scores of the prunable groups are folded into an
+exponential moving average (a step whose gradients are not finite is skipped, with a
+warning). Every `prune_every` steps the lowest-scoring kept units are masked until the cubic
+schedule's current budget is reached; at the end of the ramp the budget is the exact
+target. Masking is monotone and done with forward pre-hooks (`MaskHooks`), so base weights
+never change and never get gradients. The LoRA slices of pruned units (rows of `B` in
+q/k/v/gate/up, columns of `A` in o/down) are zeroed together with their optimizer state
+when pruned, and zeroed again after every optimizer step, so no optimizer (weight decay,
+momentum, factored moments) can move them.
+
+The schedule position, the moving-average scores and the masks are the whole state
+(`state_dict` / `load_state_dict`): a run resumed from a checkpoint continues exactly.
+Under data parallelism the gradients are already all-reduced, every rank computes the same
+scores, and rank 0's masks are broadcast so that round-off cannot make replicas diverge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from loraprune.errors import LoraPruneError
+from loraprune.importance.lora_guided import LoraGuidedCriterion, lora_layer
+from loraprune.masking import MaskHooks
+from loraprune.model_pruning.config import LoRAPruneConfig
+from loraprune.schedule import CubicSchedule
+from loraprune.selection import KINDS, Budget, parse_layers, plan_budget, select
+from loraprune.shrink import shrink_model
+from loraprune.structure import GroupFamily, LayerSizes, Masks, full_masks, get_adapter, unwrap_model
+from loraprune.structure.groups import Kind, masks_from_lists, masks_to_lists, removed_params, total_params
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PruningTarget:
+    """What to remove: `sparsity` of the decoder layers' attention+MLP parameters, where and how.
+
+    The fields mean what the options of the same names of `loraprune prune-model` mean:
+    per-kind targets override `sparsity` for that kind; `layers` limits pruning to some
+    decoder layers ('all', '4-27', '0,2,5-7'); `allocation` ranks units across layers
+    ('global') or removes the same number per layer ('uniform'); `attention_unit` picks
+    whole KV groups or query heads on GQA models ('auto': heads for MHA, KV groups for GQA).
+    """
+
+    sparsity: float
+    attention_sparsity: float | None = None
+    mlp_sparsity: float | None = None
+    layers: str = "all"
+    allocation: str = "global"
+    attention_unit: str = "auto"
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """The slice of a LoRA matrix that the pruned units of one family own."""
+
+    param: nn.Parameter
+    dim: int
+    index: torch.Tensor
+
+
+class ModelPruner:
+    """LoRAPrune state and steps for one training run of `total_steps` optimizer steps."""
+
+    def __init__(self, model: nn.Module, total_steps: int, target: PruningTarget,
+                 config: LoRAPruneConfig | None = None, adapter: str = "default") -> None:
+        self.model = model
+        self.target = target
+        self.config = config or LoRAPruneConfig()
+        self.total_steps = total_steps
+        root = unwrap_model(model)
+        architecture = get_adapter(root)
+        self.families: list[GroupFamily] = architecture.families(root, target.attention_unit)
+        self.prunable = parse_layers(target.layers, len(architecture.layer_sizes(root)))
+        self.budget: Budget = plan_budget(
+            self.families, self.prunable, target.sparsity, allocation=target.allocation,
+            attention_sparsity=target.attention_sparsity, mlp_sparsity=target.mlp_sparsity,
+        )
+        self.schedule = CubicSchedule.from_fractions(total_steps, self.config.warmup, self.config.cooldown)
+        self.scored = [f for f in self.families if f.layer in self.prunable and self.budget.of(f.kind) > 0]
+        self.criterion = LoraGuidedCriterion(adapter, second_order=self.config.second_order)
+        self.criterion.check_families(model, self.scored)
+        self.adapter = adapter
+        self.masks: Masks = full_masks(self.families)
+        self.scores: dict[str, torch.Tensor] = {}
+        self.step = 0
+        self.observations = 0
+        self.skipped_steps = 0
+        self.history: list[dict[str, Any]] = []
+        self._pruned_slices: list[_Slice] = []
+        self._hooks: MaskHooks | None = MaskHooks(model, self.families, self.masks)
+
+    # ---- progress -----------------------------------------------------------------------------
+
+    def removed_units(self, kind: Kind) -> int:
+        return sum(int((~self.masks[f.key]).sum()) for f in self.families if f.kind == kind)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the final budget is reached (then scores are no longer computed)."""
+        return all(self.removed_units(kind) == self.budget.of(kind) for kind in KINDS)
+
+    def decoder_sparsity(self) -> float:
+        """Fraction of the decoder's attention+MLP parameters removed by the current masks."""
+        return removed_params(self.families, self.masks) / total_params(self.families)
+
+    def _granularity(self, kind: Kind) -> int:
+        """Smallest step in units that the selection can take for `kind` (whole atoms, every layer if uniform)."""
+        candidates = [f for f in self.families if f.kind == kind and f.layer in self.prunable]
+        if not candidates:
+            return 1
+        family = candidates[0]
+        atom = family.count // family.units_per_kv if family.unit == "query_head" else 1
+        return atom * (len(candidates) if self.target.allocation == "uniform" else 1)
+
+    def target_at(self, step: int) -> Budget:
+        """The budget in force after optimizer step `step`: the cubic ramp, rounded down to feasible units."""
+        def amount(kind: Kind) -> int:
+            unit = self._granularity(kind)
+            return self.schedule.amount(step, self.budget.of(kind)) // unit * unit
+
+        return Budget(attention=amount("attention"), mlp=amount("mlp"))
+
+    def _due(self, step: int) -> bool:
+        if self.finished:
+            return False
+        return step >= self.schedule.ramp_end or (
+            step > self.schedule.warmup_steps and step % self.config.prune_every == 0
+        )
+
+    # ---- every step -----------------------------------------------------------------------------
+
+    def observe(self, loss_scale: float = 1.0) -> bool:
+        """Fold the current LoRA gradients into the moving-average scores; False if skipped.
+
+        Call once per optimizer step, after the gradients are final (accumulated over
+        micro-batches, all-reduced) and before `optimizer.step()`. Pass the AMP loss scale if
+        a `GradScaler` has not unscaled them yet. Nothing is computed once the target is reached.
+        """
+        if self.finished:
+            return False
+        new = self.criterion.gradient_scores(self.model, self.scored, loss_scale)
+        bad = [key for key, value in new.items() if not torch.isfinite(value).all()]
+        if bad:
+            self.skipped_steps += 1
+            logger.warning("LoRAPrune: non-finite importance in %s at step %d (NaN/Inf gradients); this step's "
+                           "scores are skipped", ", ".join(bad[:3]) + ("..." if len(bad) > 3 else ""), self.step + 1)
+            return False
+        decay = self.config.ema
+        for key, value in new.items():
+            # the first observation initialises the average, so early events are not biased towards 0
+            self.scores[key] = value if key not in self.scores else decay * self.scores[key] + (1 - decay) * value
+        self.observations += 1
+        return True
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any] | None:
+        """Count the step, keep pruned slices at zero, and prune if the schedule says so.
+
+        Returns a record of the pruning event, or None when there was none.
+        """
+        self.step += 1
+        self._zero_pruned_slices()
+        if not self._due(self.step):
+            return None
+        if not self.scores:
+            logger.warning("LoRAPrune: no finite scores yet at step %d; pruning postponed", self.step)
+            return None
+        budget = self.target_at(self.step)
+        masks = select(self.families, self.scores, self.masks, budget, prunable_layers=self.prunable,
+                       allocation=self.target.allocation)
+        self._set_masks(_broadcast_from_rank0(masks, _device(self.model)), optimizer)
+        event = {
+            "step": self.step,
+            "schedule_fraction": self.schedule.fraction(self.step),
+            "attention_units_removed": self.removed_units("attention"),
+            "mlp_units_removed": self.removed_units("mlp"),
+            "decoder_sparsity": self.decoder_sparsity(),
+            "observations": self.observations,
+        }
+        self.history.append(event)
+        logger.info("LoRAPrune step %d: %d attention units and %d MLP channels removed (%.2f%% of decoder params)",
+                    self.step, event["attention_units_removed"], event["mlp_units_removed"],
+                    100 * event["decoder_sparsity"])
+        return event
+
+    # ---- masks and LoRA slices --------------------------------------------------------------------
+
+    def _set_masks(self, masks: Masks, optimizer: torch.optim.Optimizer | None) -> None:
+        for key, mask in masks.items():
+            if bool((mask & ~self.masks[key]).any()):
+                raise LoraPruneError(f"masks must be monotone: a pruned unit of {key} would come back")
+        self.masks = masks
+        if self._hooks is not None:
+            self._hooks.update(masks)
+        self._pruned_slices = self._collect_slices()
+        self._zero_pruned_slices(optimizer)
+
+    def _collect_slices(self) -> list[_Slice]:
+        """LoRA rows of B (row-side matrices) and columns of A (column-side) owned by pruned units."""
+        slices = []
+        for family in self.families:
+            pruned = ~self.masks[family.key]
+            if not bool(pruned.any()):
+                continue
+            for slicing in family.matrices:
+                layer = lora_layer(self.model, slicing.module, self.adapter)
+                if layer is None:
+                    continue
+                side = layer.lora_B if slicing.dim == 0 else layer.lora_A
+                param = side[self.adapter].weight
+                index = family.index_of(pruned, slicing).to(param.device)
+                slices.append(_Slice(param, slicing.dim, index))
+        return slices
+
+    @torch.no_grad()
+    def _zero_pruned_slices(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Zero the pruned LoRA slices (and, given an optimizer, every state tensor shaped like them)."""
+        for piece in self._pruned_slices:
+            piece.param.index_fill_(piece.dim, piece.index, 0.0)
+            if optimizer is None:
+                continue
+            for value in optimizer.state.get(piece.param, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == piece.param.shape:
+                    value.index_fill_(piece.dim, piece.index, 0.0)
+
+    # ---- end of the run ---------------------------------------------------------------------------
+
+    def finish(self) -> list[LayerSizes]:
+        """Remove the mask hooks and physically remove the pruned units from base and LoRA weights.
+
+        Returns the new widths of every decoder layer. The pruner cannot be stepped afterwards.
+        """
+        if self._hooks is None:
+            raise LoraPruneError("this pruner has already finished (the model is shrunk)")
+        if not self.finished:
+            logger.warning("LoRAPrune: shrinking before the target was reached (%.2f%% of decoder params removed)",
+                           100 * self.decoder_sparsity())
+        self._hooks.remove()
+        self._hooks = None
+        self._pruned_slices = []
+        return shrink_model(self.model, self.families, self.masks)
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run: schedule position, moving-average scores, masks."""
+        return {
+            "version": STATE_VERSION,
+            "target": dataclasses.asdict(self.target),
+            "config": dataclasses.asdict(self.config),
+            "total_steps": self.total_steps,
+            "step": self.step,
+            "observations": self.observations,
+            "skipped_steps": self.skipped_steps,
+            "scores": {key: value.clone() for key, value in self.scores.items()},
+            "masks": masks_to_lists(self.masks),
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Continue from `state_dict()` of a run with the same target, options and length."""
+        expected = {"version": STATE_VERSION, "target": dataclasses.asdict(self.target),
+                    "config": dataclasses.asdict(self.config), "total_steps": self.total_steps}
+        for name, value in expected.items():
+            if state.get(name) != value:
+                raise LoraPruneError(f"the saved LoRAPrune state has {name}={state.get(name)!r} but this run has "
+                                     f"{value!r}; resume with the settings of the interrupted run")
+        masks = masks_from_lists(state["masks"])
+        if set(masks) != set(self.masks) or any(masks[k].shape != self.masks[k].shape for k in masks):
+            raise LoraPruneError("the saved LoRAPrune masks do not match this model's groups")
+        self.step = state["step"]
+        self.observations = state["observations"]
+        self.skipped_steps = state["skipped_steps"]
+        self.scores = {key: value.clone() for key, value in state["scores"].items()}
+        self.history = list(state["history"])
+        self._set_masks(masks, optimizer)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _broadcast_from_rank0(masks: Masks, device: torch.device) -> Masks:
+    """Rank 0's masks on every rank (a no-op without an initialised process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return masks
+    keys = sorted(masks)
+    flat = torch.cat([masks[key] for key in keys]).to(device=device, dtype=torch.uint8)
+    dist.broadcast(flat, src=0)
+    flat = flat.bool().cpu()
+    sizes = [masks[key].numel() for key in keys]
+    return {key: part.clone() for key, part in zip(keys, torch.split(flat, sizes))}
+
