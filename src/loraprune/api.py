@@ -17,6 +17,8 @@ from loraprune.data import calibration_batches, load_text
 from loraprune.evaluation.perplexity import evaluate_perplexity
 from loraprune.importance import get_criterion
 from loraprune.io import check_output_dir, save_pruned_model, write_json
+from loraprune.model_pruning import LoRAPruneConfig, PruningTarget
+from loraprune.model_pruning.run import LoraRun, LoraSettings, loraprune, train_lora, training_windows
 from loraprune.models import load_model
 from loraprune.report import directory_size, pruning_report, size_summary
 from loraprune.selection import parse_layers, plan_budget, select
@@ -51,11 +53,15 @@ def _perplexity(model: nn.Module, tokenizer: Any, config: PruneModelConfig, labe
     return result.to_dict()
 
 
-def prune_model(config: PruneModelConfig) -> PruneResult:
+def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | None = None) -> PruneResult:
     """Prune heads / KV groups and MLP channels of `config.model` and save the smaller model.
 
-    Checks every input before the long work starts (output directory, data files, budget)
-    and writes the output atomically, with `loraprune_report.json` beside the weights.
+    `config.method` "loraprune" prunes while a LoRA adapter trains for `config.steps` steps
+    (schedule options in `loraprune_config`); the one-shot criteria prune first and then
+    fine-tune a LoRA adapter for `config.steps` steps (0: no recovery). The adapter is merged
+    into the shrunk weights. Checks every input before the long work starts (output
+    directory, data files, budget) and writes the output atomically, with
+    `loraprune_report.json` beside the weights.
     """
     output = check_output_dir(config.output, config.overwrite)
     if config.eval_data:
@@ -68,9 +74,14 @@ def prune_model(config: PruneModelConfig) -> PruneResult:
         families, prunable, config.sparsity, allocation=config.allocation,
         attention_sparsity=config.attention_sparsity, mlp_sparsity=config.mlp_sparsity,
     )
-    criterion = get_criterion(config.method, **({"seed": config.seed} if config.method == "random" else {}))
+    one_shot = config.method != "loraprune"
+    windows = training_windows(tokenizer, config.calibration_data, config.seq_len) if config.steps else None
+    lora = LoraSettings(steps=config.steps, rank=config.lora_rank, alpha=config.lora_alpha,
+                        learning_rate=config.learning_rate, batch_size=config.batch_size, seed=config.seed)
+    criterion = get_criterion(config.method, **({"seed": config.seed} if config.method == "random" else {})) \
+        if one_shot else None
     batches = None
-    if criterion.needs_data:
+    if criterion is not None and criterion.needs_data:
         batches = calibration_batches(
             tokenizer, config.calibration_data, config.calibration_samples, config.seq_len, config.seed
         )
@@ -78,10 +89,20 @@ def prune_model(config: PruneModelConfig) -> PruneResult:
     perplexity_before = _perplexity(model, tokenizer, config, "before")
 
     started = time.perf_counter()
-    scores = criterion.score(model, families, batches)
-    masks = select(families, scores, full_masks(families), budget, prunable_layers=prunable,
-                   allocation=config.allocation)
-    shrink_model(model, families, masks)
+    training: LoraRun | None = None
+    if one_shot:
+        scores = criterion.score(model, families, batches)
+        masks = select(families, scores, full_masks(families), budget, prunable_layers=prunable,
+                       allocation=config.allocation)
+        shrink_model(model, families, masks)
+        if config.steps:
+            training = train_lora(model, windows, lora)
+    else:
+        target = PruningTarget(config.sparsity, config.attention_sparsity, config.mlp_sparsity, config.layers,
+                               config.allocation, config.attention_unit)
+        training, masks = loraprune(model, windows, lora, target, loraprune_config or LoRAPruneConfig())
+    if training is not None:
+        model = training.model.merge_and_unload()
     prune_seconds = time.perf_counter() - started
 
     perplexity_after = _perplexity(model, tokenizer, config, "after")
@@ -97,6 +118,8 @@ def prune_model(config: PruneModelConfig) -> PruneResult:
         prune_seconds=prune_seconds,
         masks=masks_to_lists(masks),
         settings=dataclasses.asdict(config),
+        training=None if training is None else training.summary,
+        loraprune_settings=None if one_shot else dataclasses.asdict(loraprune_config or LoRAPruneConfig()),
         torch_threads=torch.get_num_threads(),
     )
     save_pruned_model(model, tokenizer, output, overwrite=config.overwrite, extra_json={REPORT_FILE: report})

@@ -84,7 +84,10 @@ class PruneModelConfig:
     model: str = option(
         "smollm2-135m", help="local Hugging Face directory, hub id, or the embedded default 'smollm2-135m'"
     )
-    method: str = option("magnitude", help="how units are scored (see `loraprune prune-model --help`)")
+    method: str = option(
+        "magnitude", help="loraprune (iterative, LoRA-guided, needs --steps) or a one-shot criterion: taylor, "
+        "wanda-sp, magnitude, random"
+    )
     sparsity: float = option(
         0.2,
         help="fraction of the decoder layers' attention+MLP parameters to remove (embeddings, norms and the "
@@ -119,6 +122,14 @@ class PruneModelConfig:
     eval_seq_len: int = option(128, help="window length of the perplexity evaluation")
     eval_max_tokens: int | None = option(None, help="evaluate on the first N tokens only (default: the whole text)")
     dtype: str = option("float32", help="dtype to load and prune the model in (float32, bfloat16, float16)")
+    steps: int = option(
+        0, help="LoRA training steps, for every method: loraprune prunes during them; the one-shot methods "
+        "fine-tune after pruning (recovery; 0 = none)"
+    )
+    lora_rank: int = option(8, help="rank of the LoRA adapter trained for --steps steps (all seven projections)")
+    lora_alpha: float | None = option(None, help="LoRA alpha (default: the rank, i.e. scaling 1)")
+    learning_rate: float = option(1e-3, help="peak AdamW learning rate of the LoRA training (linear decay)")
+    batch_size: int = option(4, help="windows of seq_len tokens per LoRA training step")
     seed: int = option(0, help="seed for calibration sampling, random scores and training")
     overwrite: bool = option(False, help="replace OUTPUT if it exists (the old one stays until the new one is done)")
 
@@ -134,3 +145,8 @@ class PruneModelConfig:
         check(self.seq_len >= 2 and self.eval_seq_len >= 2, "sequence lengths must be >= 2")
         check(self.eval_max_tokens is None or self.eval_max_tokens >= self.eval_seq_len,
               "eval-max-tokens must be at least one window (eval-seq-len)")
+        check(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
+        check(self.steps >= 1 or self.method != "loraprune",
+              "loraprune prunes while LoRA trains: give the number of training steps (--steps N, e.g. 200)")
+        check(self.lora_rank >= 1 and self.batch_size >= 1, "lora-rank and batch-size must be >= 1")
+        check(self.learning_rate > 0, f"learning-rate must be > 0, got {self.learning_rate}")

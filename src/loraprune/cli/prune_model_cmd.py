@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from loraprune.config import PruneModelConfig, add_dataclass_arguments, dataclass_from_args
+from loraprune.model_pruning.config import LoRAPruneConfig
 
 EPILOG = """\
 sparsity: the fraction of the decoder layers' attention+MLP parameters removed (embeddings,
@@ -13,7 +14,15 @@ or an MLP channel with its gate/up rows and down column); with --sparsity alone 
 absorbs what attention's coarse groups cannot hit, so the decoder fraction is met to within
 one channel. The report gives the fraction of all parameters too.
 
+--steps: LoRA training steps for every method. loraprune scores with the LoRA adapter's
+weights and gradients and prunes iteratively during them (cubic schedule, exact target at
+the end); taylor, wanda-sp, magnitude and random prune one-shot on --calibration-samples
+windows and then fine-tune the same LoRA adapter for the same steps (0 = no recovery). The
+LoRA adapter is merged into the shrunk weights.
+
 examples:
+  loraprune prune-model --method loraprune --sparsity 0.2 --steps 200 --output smol-20
+  loraprune prune-model --method taylor --sparsity 0.2 --steps 200 --output smol-20-taylor
   loraprune prune-model --method magnitude --sparsity 0.2 --output smol-20
   loraprune prune-model --model ./my-llama --method random --layers 4-27 --allocation uniform \\
       --eval-data wikitext2 --eval-max-tokens 16384 --output my-llama-pruned
@@ -30,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_dataclass_arguments(parser, PruneModelConfig)
+    add_dataclass_arguments(parser.add_argument_group("LoRAPrune schedule (--method loraprune)"), LoRAPruneConfig)
     parser.set_defaults(func=run)
 
 
@@ -39,14 +49,14 @@ def _format_perplexity(result: dict | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from loraprune.api import prune_model
-    from loraprune.importance import CRITERIA
+    from loraprune.model_pruning.run import METHODS
 
     config = dataclass_from_args(PruneModelConfig, args)
-    if config.method not in CRITERIA:
+    if config.method not in METHODS:
         from loraprune.errors import ConfigError
 
-        raise ConfigError(f"unknown method {config.method!r}; choose one of {', '.join(sorted(CRITERIA))}")
-    result = prune_model(config)
+        raise ConfigError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    result = prune_model(config, dataclass_from_args(LoRAPruneConfig, args))
     report = result.report
     layers = report["prunable_layers"]
     print(f"method            {report['method']} ({report['attention_unit']} attention units)")
@@ -60,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"perplexity        {_format_perplexity(report['perplexity_before'])} -> "
               f"{_format_perplexity(report['perplexity_after'])} ({settings['data']}, seq_len {settings['seq_len']}, "
               f"{settings['tokens']:,} tokens, {settings['dtype']})")
+    if report["training"] is not None:
+        training = report["training"]
+        print(f"LoRA training     {training['steps']} steps, rank {training['rank']}, "
+              f"lr {training['learning_rate']:g}, {training['train_seconds']:.0f} s (merged into the saved weights)")
     print(f"saved to          {result.output} ({report['file_size_bytes'] / 2**20:.1f} MiB of weights; "
           "report in loraprune_report.json)")
     return 0

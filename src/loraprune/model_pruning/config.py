@@ -11,12 +11,12 @@ from loraprune.config import check, option
 class LoRAPruneConfig:
     """How LoRAPrune prunes while LoRA trains: when, how smoothly, with which gradient estimate."""
 
-    prune_every: int = option(10, help="LoRAPrune: optimizer steps between pruning events")
-    warmup: float = option(0.1, help="LoRAPrune: fraction of the steps trained before pruning starts")
-    cooldown: float = option(0.1, help="LoRAPrune: fraction of the steps trained at the final sparsity")
-    ema: float = option(0.9, help="LoRAPrune: weight of the old score in the moving average S = ema*S + (1-ema)*new")
+    prune_every: int = option(10, help="optimizer steps between pruning events")
+    warmup: float = option(0.1, help="fraction of the steps trained before pruning starts")
+    cooldown: float = option(0.1, help="fraction of the steps trained at the final sparsity")
+    ema: float = option(0.9, help="weight of the old score in the moving average S = ema*S + (1-ema)*new")
     second_order: bool = option(
-        False, help="LoRAPrune: add the second-order term -G_B·G_A to the estimated full-weight gradient"
+        False, help="add the second-order term -G_B·G_A to the estimated full-weight gradient"
     )
 
     def __post_init__(self) -> None:

@@ -1,0 +1,106 @@
+"""Whole runs of the model-pruning harness: LoRA training with LoRAPrune, or LoRA recovery after one-shot pruning.
+
+Every method goes through `train_lora` (same windows of text, same steps, LoRA rank and
+alpha, learning rate, batch size and seed via `loraprune.training.train`); LoRAPrune only
+adds its callback. So "same data, same step budget" holds by construction when LoRAPrune is
+compared with the one-shot criteria followed by recovery fine-tuning, or with the dense
+model given the same fine-tuning.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, default_data_collator
+
+from loraprune.config import check
+from loraprune.data import load_text, token_windows
+from loraprune.lora import DEFAULT_TARGET_MODULES, add_lora
+from loraprune.model_pruning.callback import LoRAPruneCallback
+from loraprune.model_pruning.config import LoRAPruneConfig
+from loraprune.model_pruning.pruner import ModelPruner, PruningTarget
+from loraprune.structure import Masks
+from loraprune.training import TrainingConfig, train
+
+#: the methods of `loraprune prune-model`: LoRAPrune, and the one-shot criteria it is compared with
+METHODS = ("loraprune", "taylor", "wanda-sp", "magnitude", "random")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA fine-tuning every method of a comparison shares."""
+
+    steps: int
+    rank: int = 8
+    alpha: float | None = None
+    learning_rate: float = 1e-3
+    batch_size: int = 4
+    seed: int = 0
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+
+    def training_config(self) -> TrainingConfig:
+        return TrainingConfig(steps=self.steps, learning_rate=self.learning_rate, batch_size=self.batch_size,
+                              seed=self.seed, logging_steps=max(1, self.steps // 10))
+
+
+@dataclass
+class LoraRun:
+    """A finished LoRA fine-tuning: the PEFT model (unmerged), its log and its wall time."""
+
+    model: PeftModel
+    log_history: list[dict[str, Any]]
+    seconds: float
+    pruner: ModelPruner | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def training_windows(tokenizer: PreTrainedTokenizerBase, source: str, seq_len: int) -> list[dict[str, torch.Tensor]]:
+    """Non-overlapping `seq_len`-token windows of `source` (a corpus' validation split, or a text file).
+
+    Language-modelling examples (`labels = input_ids`); `Trainer` shuffles and cycles them.
+    """
+    windows = token_windows(tokenizer, load_text(source, "valid"), seq_len)
+    check(len(windows) > 0, f"{source!r} has fewer than seq_len={seq_len} tokens")
+    return [{"input_ids": row, "labels": row} for row in windows]
+
+
+def train_lora(model: PreTrainedModel, windows: list[dict[str, torch.Tensor]], settings: LoraSettings,
+               callbacks: tuple[TrainerCallback, ...] = ()) -> LoraRun:
+    """Wrap `model` in a fresh LoRA adapter and train it for `settings.steps` optimizer steps."""
+    torch.manual_seed(settings.seed)  # adapter initialisation, identical across methods
+    peft_model = add_lora(model, settings.rank, settings.alpha, settings.target_modules)
+    started = time.perf_counter()
+    history = train(peft_model, windows, default_data_collator, settings.training_config(), callbacks=callbacks)
+    seconds = time.perf_counter() - started
+    peft_model.eval()
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    summary = {
+        "steps": settings.steps, "rank": settings.rank, "alpha": settings.alpha or settings.rank,
+        "learning_rate": settings.learning_rate, "batch_size": settings.batch_size, "seed": settings.seed,
+        "train_seconds": seconds, "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+    }
+    return LoraRun(peft_model, history, seconds, summary=summary)
+
+
+def loraprune(model: PreTrainedModel, windows: list[dict[str, torch.Tensor]], settings: LoraSettings,
+              target: PruningTarget, config: LoRAPruneConfig) -> tuple[LoraRun, Masks]:
+    """Train LoRA on `model` while LoRAPrune prunes it, then shrink base and LoRA weights physically.
+
+    Returns the run (its `model` is the shrunk, still unmerged PEFT model) and the final masks.
+    """
+    callback = LoRAPruneCallback(target, config)
+    run = train_lora(model, windows, settings, callbacks=(callback,))
+    pruner = callback.pruner
+    masks = pruner.masks
+    pruner.finish()
+    run.pruner = pruner
+    run.summary["loraprune"] = {
+        "events": pruner.history, "observations": pruner.observations, "skipped_steps": pruner.skipped_steps,
+        "reached_target": pruner.finished,
+    }
+    return run, masks

@@ -1,0 +1,71 @@
+"""`loraprune prune-model` with LoRAPrune and the gradient / activation baselines, end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraprune.api import prune_model
+from loraprune.cli import main
+from loraprune.config import PruneModelConfig
+from loraprune.model_pruning import LoRAPruneConfig
+from loraprune.models import load_model
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "text.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. Question: how many apples are there? " * 40)
+    return path
+
+
+def test_loraprune_api_saves_the_shrunk_merged_model(tiny_model_dir, text_file, tmp_path):
+    config = PruneModelConfig(output=str(tmp_path / "out"), model=str(tiny_model_dir), method="loraprune",
+                              sparsity=0.25, steps=8, calibration_data=str(text_file), seq_len=16, batch_size=2,
+                              eval_data=str(text_file), eval_seq_len=16)
+    result = prune_model(config, LoRAPruneConfig(prune_every=2))
+    report = result.report
+    assert report["sparsity_decoder"] == pytest.approx(0.25, abs=0.01)
+    assert report["training"]["steps"] == 8 and report["training"]["loraprune"]["reached_target"]
+    assert [e["step"] for e in report["training"]["loraprune"]["events"]] == [2, 4, 6, 8]  # 10 % of 8 steps: none
+    assert report["loraprune_settings"]["prune_every"] == 2
+    assert not hasattr(result.model, "peft_config")  # merged
+    loaded, _ = load_model(str(result.output))
+    ids = torch.arange(3, 19)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
+    assert sum(p.numel() for p in loaded.parameters()) == report["params_after"]
+
+
+@pytest.mark.parametrize(("method", "steps"), [("taylor", "3"), ("wanda-sp", "0")])
+def test_one_shot_baselines_with_and_without_recovery(method, steps, tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / method
+    code = main(["prune-model", "--model", str(tiny_model_dir), "--output", str(out), "--method", method,
+                 "--sparsity", "0.3", "--steps", steps, "--calibration-data", str(text_file), "--seq-len", "16",
+                 "--calibration-samples", "4", "--batch-size", "2"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "loraprune_report.json").read_text())
+    assert report["method"] == method and report["sparsity_decoder"] == pytest.approx(0.3, abs=0.01)
+    if steps == "0":
+        assert report["training"] is None and "LoRA training" not in printed
+    else:
+        assert report["training"]["steps"] == 3 and "LoRA training     3 steps" in printed
+    load_model(str(out))
+
+
+def test_loraprune_needs_steps(tiny_model_dir, tmp_path, capsys):
+    code = main(["prune-model", "--model", str(tiny_model_dir), "--output", str(tmp_path / "x"),
+                 "--method", "loraprune", "--sparsity", "0.2"])
+    assert code == 2
+    assert "--steps N" in capsys.readouterr().err
+
+
+def test_unknown_method_lists_the_methods(tiny_model_dir, tmp_path, capsys):
+    code = main(["prune-model", "--model", str(tiny_model_dir), "--output", str(tmp_path / "x"),
+                 "--method", "lora-guided", "--sparsity", "0.2"])
+    assert code == 2
+    assert "loraprune, taylor, wanda-sp, magnitude, random" in capsys.readouterr().err
