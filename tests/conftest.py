@@ -91,3 +91,13 @@ def default_model_dir() -> Path:
         return Path(resolve_model_path(DEFAULT_MODEL))
     except LoraPruneError as error:
         pytest.skip(f"default model unavailable: {error}")
+
+
+@pytest.fixture
+def one_thread():
+    """Run torch on one thread for the test: tiny models are fastest so, and several threads spin
+    against each other on a busy machine (a 2-thread forward of the tiny Llama can take 100x longer)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

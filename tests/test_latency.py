@@ -22,13 +22,7 @@ from loraprune.report import count_parameters, layer_table
 HIDDEN, HEAD_DIM, VOCAB = 64, 16, 128  # the tiny Llama of conftest: 4 query heads, 2 KV heads, 96 channels, 2 layers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (several threads spin against each other on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hand_flops(layers: list[dict[str, int]], seq_len: int, batch: int) -> int:

@@ -92,8 +92,8 @@ def load_tasks(tasks: str | Sequence[str], task_dir: str | None = None) -> Loade
 
     Unknown names and unreachable data raise `TaskUnavailableError` naming the task and what to do.
     """
-    require_lm_eval()
     names = parse_tasks(tasks)
+    require_lm_eval()
     manager = _task_manager(names, task_dir)
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
