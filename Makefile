@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 # Local copies of WikiText-2 / GSM8K (machines without a dataset hub); unset = the hub.
 SHARED_DATA := $(abspath ../shared/data)
 export LORAPRUNE_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
-DEMO_OUT ?= outputs/demo-smollm2-magnitude-20
+DEMO_OUT ?= outputs/demo-smollm2-loraprune-20
 
 .PHONY: demo test lint venv clean-venv
 
@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/loraprune inspect | tail -n 2
-	$(BIN)/loraprune prune-model --model smollm2-135m --method magnitude --sparsity 0.2 \
-		--eval-data wikitext2 --eval-max-tokens 16384 --output $(DEMO_OUT) --overwrite
+	$(BIN)/loraprune prune-model --model smollm2-135m --method loraprune --sparsity 0.2 --steps 20 \
+		--prune-every 4 --eval-data wikitext2 --eval-max-tokens 8192 --output $(DEMO_OUT) --overwrite
+	$(BIN)/loraprune eval --model $(DEMO_OUT) --baseline smollm2-135m --latency --gen-tokens 0 --repeats 5
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
