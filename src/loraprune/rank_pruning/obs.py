@@ -56,24 +56,24 @@ class Side:
 
     `weight` and `grad` are `(n, k)`: one row per row of `B` (or per column of `A`), one column
     per active component. `hinv` is the `(k, k)` inverse of the damped curvature. `grad=None`
-    drops the gradient term (classical OBS saliency).
+    drops the gradient term (classical OBS saliency). `projected` is `g_i·H⁻¹` for every row,
+    computed once here (zeros without a gradient) since scores and updates both need it.
     """
 
     weight: Tensor
     grad: Tensor | None
     hinv: Tensor
+    projected: Tensor = None  # type: ignore[assignment]
 
-    def projected_grad(self) -> Tensor:
-        """`g_i·H⁻¹` for every row (zeros without a gradient)."""
-        if self.grad is None:
-            return torch.zeros_like(self.weight)
-        return self.grad @ self.hinv
+    def __post_init__(self) -> None:
+        if self.projected is None:
+            self.projected = torch.zeros_like(self.weight) if self.grad is None else self.grad @ self.hinv
 
 
 def removal_scores(side: Side, newton: bool = False) -> Tensor:
     """Loss change of removing each component alone (with its recovery update), shape `(k,)`."""
     diag = torch.diagonal(side.hinv)
-    u = side.projected_grad()
+    u = side.projected
     w = side.weight
     if not newton:
         return (0.5 * (w * w).sum(0) - (w * u).sum(0)) / diag
@@ -86,7 +86,7 @@ def block_update(side: Side, remove: Tensor, newton: bool = False) -> tuple[Tens
     hinv_rows = side.hinv[remove]  # (q, k)
     block = hinv_rows[:, remove]  # M = (H⁻¹)_QQ
     w_q = side.weight[:, remove]
-    u = side.projected_grad()
+    u = side.projected
     if newton:
         lam = torch.linalg.solve(block, (w_q - u[:, remove]).T).T  # rows λ_i = (w_iQ − u_iQ)·M⁻¹
         delta = -u - lam @ hinv_rows
@@ -131,8 +131,7 @@ class SequentialRemoval:
 
     def __init__(self, sides: Sequence[Side], newton: bool = False) -> None:
         self.newton = newton
-        self.sides = [Side(s.weight.clone(), None if s.grad is None else s.grad.clone(), s.hinv.clone())
-                      for s in sides]
+        self.sides = list(sides)
         self.present = list(range(sides[0].weight.shape[1]))
         self.removed: list[int] = []
         self.loss_change = torch.zeros((), dtype=sides[0].weight.dtype, device=sides[0].weight.device)
@@ -146,13 +145,22 @@ class SequentialRemoval:
         position = self.present.index(component)
         index = torch.tensor([position], device=self.sides[0].weight.device)
         keep = torch.arange(len(self.present), device=index.device) != position
+        updated = []
         for side in self.sides:
             delta, loss = block_update(side, index, self.newton)
             self.loss_change = self.loss_change + loss
-            side.weight = (side.weight + delta)[:, keep]
-            if side.grad is not None:  # gradient of the remaining coordinates after the step
-                side.grad = torch.zeros_like(side.weight) if self.newton else side.grad[:, keep]
-            side.hinv = downdate_inverse(side.hinv, position)
+            weight = (side.weight + delta)[:, keep]
+            hinv = downdate_inverse(side.hinv, position)
+            if side.grad is None:
+                updated.append(Side(weight, None, hinv))
+            elif self.newton:  # the constrained minimum: no gradient left on the remaining coordinates
+                updated.append(Side(weight, torch.zeros_like(weight), hinv, torch.zeros_like(weight)))
+            else:  # gradient unchanged on the rest; g_F·(H_FF)⁻¹ = u_F − (u_j / [H⁻¹]_jj)·(H⁻¹)_jF
+                pivot = side.hinv[position, position]
+                projected = (side.projected - torch.outer(side.projected[:, position] / pivot,
+                                                          side.hinv[position]))[:, keep]
+                updated.append(Side(weight, side.grad[:, keep], hinv, projected))
+        self.sides = updated
         self.present.pop(position)
         self.removed.append(component)
 

@@ -7,7 +7,7 @@
         loss.backward()                    # (unscale AMP gradients first if you use a loss scaler)
         pruner.observe_gradients()         # Gram accumulation, pruned gradients zeroed
         optimizer.step()
-        pruner.step(step, optimizer)       # prunes when the schedule says so
+        pruner.step(step, optimizer)       # prunes when the schedule says so (gradients still present)
         optimizer.zero_grad()
 
 `RankPruningCallback` calls the same two methods from `transformers.Trainer`.
@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,22 @@ def global_removal_counts(scores: Sequence[Tensor], need: int, min_rank: int, no
     return torch.bincount(chosen, minlength=len(scores)).tolist()
 
 
+@contextmanager
+def single_threaded(device: torch.device) -> Iterator[None]:
+    """Run CPU work on one thread: the pruning bookkeeping is many small `r0`-wide matrix products,
+    which gain nothing from several threads and become an order of magnitude slower when the
+    cores are shared with other processes (threads wait on each other). No-op off the CPU."""
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class RankPruner:
     """Scores, removes and masks rank components of a PEFT LoRA adapter created at rank `config.r0`."""
 
@@ -107,11 +124,15 @@ class RankPruner:
         """Zero pruned gradient slices and add the current gradients to the curvature statistics.
 
         Call once per optimizer step, after the gradients are final (accumulated, all-reduced,
-        unscaled) and before `optimizer.step()`.
+        unscaled) and before `optimizer.step()`. With `curvature="batch"` the statistics are
+        only computed at pruning steps (in `step`, from the gradients still present).
         """
-        self.masks.zero_gradients()
-        if self.config.curvature == "batch":
-            self.stats.reset()
+        with single_threaded(self.masks.active.device):
+            self.masks.zero_gradients()
+            if self.config.curvature == "window":
+                self._accumulate()
+
+    def _accumulate(self) -> None:
         if not self.stats.accumulate():
             self.skipped_steps += 1
             logger.warning("non-finite LoRA gradients: this step is left out of the curvature statistics")
@@ -121,6 +142,14 @@ class RankPruner:
         target = self.schedule.removed_after(step)
         if target is None:
             return None
+        with single_threaded(self.masks.active.device):
+            if self.config.curvature == "batch":  # the gradients of this step, not yet zeroed
+                self.stats.reset()
+                self._accumulate()
+            return self._prune(step, target, optimizer)
+
+    def _prune(self, step: int, target: int, optimizer: torch.optim.Optimizer | None) -> PruningEvent:
+        """Score, select and remove components until `target` are gone (per module or in total)."""
         start = time.perf_counter()
         ranks = self.masks.ranks()
         sides = self._sides()
@@ -150,7 +179,11 @@ class RankPruner:
     # ---- scoring and removal ----------------------------------------------------------------
 
     def _sides(self) -> list[tuple[Side, Side]]:
-        """The quadratic models (B side, A side) of every module over its active components, in float64."""
+        """The quadratic models (B side, A side) of every module over its active components.
+
+        Curvatures are inverted in float64 (they can be ill-conditioned); the `(n, k)` products
+        run in float32, which is ample for ranking components and compensating them.
+        """
         count = max(self.stats.count, 1)
         if self.stats.count == 0:
             logger.warning("pruning without gradient statistics: the score falls back to magnitude")
@@ -164,17 +197,17 @@ class RankPruner:
                 selected = grams[members].double() / count
                 selected = torch.gather(selected, 1, indices[:, :, None].expand(-1, -1, selected.shape[2]))
                 selected = torch.gather(selected, 2, indices[:, None, :].expand(-1, rank, -1))
-                for position, hinv in zip(members, damped_inverse(selected, self.config.damping)):
+                for position, hinv in zip(members, damped_inverse(selected, self.config.damping).float()):
                     out[position] = hinv
         sides = []
         for index, module in enumerate(self.modules):
             active = self.masks.active_indices(index)
-            weight_b = module.lora_b.detach()[:, active].double()
-            weight_a = module.lora_a.detach()[active].double().T
+            weight_b = module.lora_b.detach().float().index_select(1, active)
+            weight_a = module.lora_a.detach().float().index_select(0, active).T
             grad_b = grad_a = None
             if self.config.use_gradient and self.stats.count:
-                grad_b = self.stats.grad_b[index][:, active].double() / count
-                grad_a = self.stats.grad_a[index][active].double().T / count
+                grad_b = self.stats.grad_b[index].index_select(1, active) / count
+                grad_a = self.stats.grad_a[index].index_select(0, active).T / count
             sides.append((Side(weight_b, grad_b, hinv_b[index]), Side(weight_a, grad_a, hinv_a[index])))
         return sides
 

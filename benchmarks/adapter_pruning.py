@@ -1,0 +1,349 @@
+"""PrunedLoRA against LoRA r, LoRA r0 and AdaLoRA r0 -> r on GSM8K SFT with the default model.
+
+Every run: the same base model (fp32), the same tokenised GSM8K training set (prompt
+`Question: ...\\nAnswer: `, loss on answer tokens, answers cut at `--max-answer-tokens`), the
+same steps, batch, AdamW learning-rate schedule and seed (`loraprune.training.train`). Then,
+on a fixed subset of the GSM8K test set (the first N problems in file order):
+
+* mean answer-token NLL (token-weighted over all answer tokens of the first `--nll-problems`);
+* exact match of the final number (`#### n`) with greedy decoding on the first `--em-problems`,
+  at most `--max-new-tokens` new tokens (an answer cut before `####` counts as wrong);
+* WikiText-2 test perplexity (first `--ppl-tokens` tokens, windows of 128) to measure forgetting;
+
+and the costs: adapter file size, parameters in the saved adapter, training wall time (also
+relative to LoRA at the same r0), the final rank of every module (heatmap layer x module).
+
+Results are merged into benchmarks/results/adapter_pruning.json (runs keyed by name, so the
+benchmark can be run in parts) and rendered to .md and .png. Example (small, minutes):
+
+    python benchmarks/adapter_pruning.py --steps 4 --batch-size 2 --r0 16 --nll-problems 4 \\
+        --em-problems 2 --max-new-tokens 16 --ppl-tokens 1024 --output-prefix /tmp/adapter_pruning
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+import transformers
+from tqdm import tqdm
+
+from loraprune.data import SFTCollator, final_answer, format_prompt, load_sft_records, tokenize_sft
+from loraprune.evaluation.perplexity import evaluate_perplexity
+from loraprune.io import write_json
+from loraprune.models import DEFAULT_MODEL, load_model
+from loraprune.rank_pruning.api import load_sft_dataset, save_adapter, train_adapter
+from loraprune.rank_pruning.config import RankPruningConfig
+from loraprune.training import TrainingConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("LORAPRUNE_DATA_DIR") or REPO_ROOT.parent / "shared" / "data")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--r0", type=int, nargs="+", default=[32, 128], help="initial ranks")
+    parser.add_argument("--rank", type=int, default=8, help="final rank")
+    parser.add_argument("--schedules", nargs="+", default=["per_module", "global"],
+                        choices=["per_module", "global"], help="PrunedLoRA schedules to run")
+    parser.add_argument("--runs", nargs="*", default=None, help="run only these run names (default: all)")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prune-every", type=int, default=10, help="K1 (and AdaLoRA's deltaT)")
+    parser.add_argument("--per-event", type=int, default=2, help="K2 of the per-module schedule")
+    parser.add_argument("--max-answer-tokens", type=int, default=256)
+    parser.add_argument("--nll-problems", type=int, default=64)
+    parser.add_argument("--em-problems", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--ppl-tokens", type=int, default=16384)
+    parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument("--output-prefix", default=str(REPO_ROOT / "benchmarks" / "results" / "adapter_pruning"))
+    parser.add_argument("--fresh", action="store_true", help="discard earlier runs in the JSON instead of merging")
+    return parser.parse_args(argv)
+
+
+def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run specifications, in the order they run (LoRA r0 before PrunedLoRA of the same r0)."""
+    runs = [{"name": f"lora-r{args.rank}", "method": "lora", "r0": max(args.r0), "schedule": "per_module"}]
+    for r0 in args.r0:
+        runs.append({"name": f"lora-r{r0}", "method": "lora-r0", "r0": r0, "schedule": "per_module"})
+        runs.append({"name": f"adalora-{r0}to{args.rank}", "method": "adalora", "r0": r0, "schedule": "global"})
+        for schedule in args.schedules:
+            suffix = "" if schedule == "per_module" else "-global"
+            runs.append({"name": f"prunedlora-{r0}to{args.rank}{suffix}", "method": "prunedlora", "r0": r0,
+                         "schedule": schedule})
+    return [run for run in runs if args.runs is None or run["name"] in args.runs]
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def answer_nll(model: torch.nn.Module, examples: list[dict], pad_id: int, batch_size: int) -> dict[str, float]:
+    """Mean NLL (nats) over all answer tokens (labels != -100) of `examples`, token-weighted."""
+    collate = SFTCollator(pad_id)
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
+                                                   ignore_index=-100, reduction="sum")
+        total += float(losses)
+        count += int((labels != -100).sum())
+    return {"nll": total / count, "tokens": count}
+
+
+@torch.no_grad()
+def greedy_exact_match(model: torch.nn.Module, tokenizer: Any, records: list, max_new_tokens: int,
+                       batch_size: int) -> dict[str, Any]:
+    """Greedy decoding (left-padded batches), exact match of the final number after `####`."""
+    tokenizer.padding_side = "left"
+    correct, outputs = 0, []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        encoded = tokenizer([format_prompt(r.question) for r in chunk], return_tensors="pt", padding=True,
+                            add_special_tokens=False)
+        generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+        for record, text in zip(chunk, texts):
+            predicted, expected = final_answer(text), final_answer(record.answer)
+            correct += int(predicted is not None and predicted == expected)
+            outputs.append({"predicted": predicted, "expected": expected})
+    return {"exact_match": correct / len(records), "correct": correct, "problems": len(records),
+            "with_final_number": sum(o["predicted"] is not None for o in outputs)}
+
+
+def evaluate(model: torch.nn.Module, tokenizer: Any, test: dict[str, Any], args: argparse.Namespace) -> dict:
+    model.eval()
+    started = time.perf_counter()
+    result = {"test_nll": answer_nll(model, test["nll_examples"], tokenizer.pad_token_id, args.eval_batch_size)}
+    result["gsm8k_greedy"] = greedy_exact_match(model, tokenizer, test["em_records"], args.max_new_tokens,
+                                                args.eval_batch_size)
+    ppl = evaluate_perplexity(model, tokenizer, str(data_root() / "wikitext2" / "wiki.test.raw"), seq_len=128,
+                              max_tokens=args.ppl_tokens, batch_size=args.eval_batch_size, progress=False)
+    result["wikitext2"] = {"perplexity": ppl.perplexity, "tokens": ppl.tokens, "seq_len": ppl.seq_len}
+    result["eval_seconds"] = time.perf_counter() - started
+    return result
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+def run_one(spec: dict[str, Any], args: argparse.Namespace, train_set: list, test: dict) -> dict[str, Any]:
+    model, tokenizer = load_model(args.model)
+    collator = SFTCollator(tokenizer.pad_token_id)
+    pruning = RankPruningConfig(r0=spec["r0"], rank=args.rank, schedule=spec["schedule"],
+                                prune_every=args.prune_every, per_event=args.per_event)
+    training = TrainingConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                              seed=args.seed, logging_steps=max(1, args.steps // 10))
+    run = train_adapter(model, train_set, collator, spec["method"], pruning, training)
+    with tempfile.TemporaryDirectory() as scratch:
+        exported = save_adapter(run, Path(scratch) / "adapter", model.name_or_path)
+    result = {
+        **spec,
+        "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0])), *sys.argv[1:]]),
+        "rank": args.rank if spec["method"] != "lora-r0" else spec["r0"],
+        "pruning_config": {k: v for k, v in vars(pruning).items() if k != "target_modules"},
+        "train_seconds": run.train_seconds,
+        "seconds_per_step": run.train_seconds / args.steps,
+        "final_ranks": run.ranks,
+        "total_rank": sum(run.ranks.values()),
+        "modules_at_rank_zero": sum(r == 0 for r in run.ranks.values()),
+        "adapter_parameters": exported.parameters,
+        "adapter_file_bytes": exported.file_bytes,
+        "train_loss": [{"step": h["step"], "loss": h["loss"]} for h in run.log_history if "loss" in h],
+        "pruning_events": run.pruning_events,
+    }
+    result.update(evaluate(run.model, tokenizer, test, args))
+    return result
+
+
+def load_test_sets(tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
+    path = data_root() / "gsm8k" / "test.jsonl"
+    records = load_sft_records(str(path), split="test", limit=max(args.nll_problems, args.em_problems))
+    return {"path": str(path), "nll_examples": tokenize_sft(records[: args.nll_problems], tokenizer,
+                                                            args.max_answer_tokens),
+            "em_records": records[: args.em_problems]}
+
+
+def with_relative_times(results: dict[str, Any]) -> None:
+    """Training time of every run relative to plain LoRA at the same r0 (when that run exists)."""
+    for run in results["runs"].values():
+        reference = results["runs"].get(f"lora-r{run['r0']}")
+        run["time_vs_lora_r0"] = (run["train_seconds"] / reference["train_seconds"]) if reference else None
+
+
+def goals(results: dict[str, Any], rank: int) -> list[dict[str, Any]]:
+    """The benchmark's goals, checked on the recorded numbers (None where a run is missing)."""
+    runs = results["runs"]
+    out = []
+    for name, run in runs.items():
+        if run["method"] != "prunedlora":
+            continue
+        nll = run["test_nll"]["nll"]
+        lora_r = runs.get(f"lora-r{rank}")
+        lora_r0 = runs.get(f"lora-r{run['r0']}")
+        adalora = runs.get(f"adalora-{run['r0']}to{rank}")
+        out.append({
+            "run": name,
+            "nll_below_lora_r": None if lora_r is None else nll < lora_r["test_nll"]["nll"],
+            "nll_below_adalora": None if adalora is None else nll < adalora["test_nll"]["nll"],
+            "nll_within_2pct_of_lora_r0": None if lora_r0 is None else nll <= 1.02 * lora_r0["test_nll"]["nll"],
+            "time_at_most_1.25x_lora_r0": None if run["time_vs_lora_r0"] is None else run["time_vs_lora_r0"] <= 1.25,
+        })
+    return out
+
+
+# ---------------------------------------------------------------------------- reports
+
+
+def rank_grid(ranks: dict[str, int]) -> tuple[list[int], list[list[int]]]:
+    """Final ranks as a (layer x module) grid, layers in order, modules in MODULE_ORDER."""
+    grid: dict[int, dict[str, int]] = {}
+    for name, rank in ranks.items():
+        parts = name.split(".")
+        layer = int(next(p for p in parts if p.isdigit()))
+        grid.setdefault(layer, {})[parts[-1]] = rank
+    layers = sorted(grid)
+    return layers, [[grid[layer].get(module, 0) for module in MODULE_ORDER] for layer in layers]
+
+
+def plot_heatmaps(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    adaptive = [(n, r) for n, r in results["runs"].items() if r["method"] in ("prunedlora", "adalora")]
+    if not adaptive:
+        return
+    fig, axes = plt.subplots(1, len(adaptive), figsize=(2.6 * len(adaptive) + 1, 7), squeeze=False)
+    vmax = max(max(r["final_ranks"].values()) for _, r in adaptive)
+    image = None
+    for axis, (name, run) in zip(axes[0], adaptive):
+        layers, grid = rank_grid(run["final_ranks"])
+        image = axis.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+        axis.set_title(name, fontsize=8)
+        axis.set_xticks(range(len(MODULE_ORDER)), [m.split("_")[0] for m in MODULE_ORDER], fontsize=7, rotation=90)
+        axis.set_yticks(range(0, len(layers), 2), [str(layers[i]) for i in range(0, len(layers), 2)], fontsize=6)
+        axis.set_xlabel("module")
+    axes[0][0].set_ylabel("layer")
+    fig.colorbar(image, ax=axes[0].tolist(), label="final rank", shrink=0.8)
+    fig.suptitle(f"Final rank per module (layer x projection), target mean rank {results['settings']['rank']}")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    base = results["before_training"]
+    lines = [
+        "# Adapter-rank pruning: PrunedLoRA vs LoRA and AdaLoRA (GSM8K SFT, SmolLM2-135M)",
+        "",
+        f"Reproduce: `{results['command']}`",
+        "",
+        f"Training: {s['steps']} steps, batch {s['batch_size']}, AdamW lr {s['learning_rate']} with linear decay, "
+        f"seed {s['seed']}, fp32 on {results['environment']['device']}, all seven projections, scaling "
+        f"alpha/r = 1 for every method, answers cut at {s['max_answer_tokens']} tokens, loss on answer tokens. "
+        f"PrunedLoRA: prune every {s['prune_every']} steps after a 10 % warm-up until the start of a 10 % "
+        f"cool-down (per_module: K2 = {s['per_event']} raised to reach the target in time; global: cubic budget), "
+        f"OBS score with gradient term, curvature = mean gradient Gram since the last event, damping 1 %. "
+        f"AdaLoRA: PEFT defaults, tinit/tfinal/deltaT = the same warm-up/cool-down/interval.",
+        "",
+        f"Evaluation: answer-token NLL on the first {s['nll_problems']} problems of GSM8K test.jsonl (file "
+        f"order); greedy exact match of the `####` number on the first {s['em_problems']} problems, at most "
+        f"{s['max_new_tokens']} new tokens; WikiText-2 test perplexity on the first {s['ppl_tokens']} tokens in "
+        "windows of 128.",
+        "",
+        "| run | final total rank (mean) | modules at 0 | test NLL | EM | WikiText-2 ppl | adapter params | "
+        "file (MB) | train s/step | time vs LoRA r0 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| base model (no training) | - | - | {base['test_nll']['nll']:.4f} | "
+        f"{base['gsm8k_greedy']['correct']}/{base['gsm8k_greedy']['problems']} | "
+        f"{base['wikitext2']['perplexity']:.2f} | - | - | - | - |",
+    ]
+    for name, r in results["runs"].items():
+        modules = len(r["final_ranks"])
+        rel = "-" if r["time_vs_lora_r0"] is None else f"{r['time_vs_lora_r0']:.2f}x"
+        lines.append(
+            f"| {name} | {r['total_rank']} ({r['total_rank'] / modules:.2f}) | {r['modules_at_rank_zero']} | "
+            f"{r['test_nll']['nll']:.4f} | {r['gsm8k_greedy']['correct']}/{r['gsm8k_greedy']['problems']} | "
+            f"{r['wikitext2']['perplexity']:.2f} | {r['adapter_parameters']:,} | "
+            f"{r['adapter_file_bytes'] / 2**20:.2f} | {r['seconds_per_step']:.2f} | {rel} |"
+        )
+    lines += ["", "## Goals", "", "| PrunedLoRA run | NLL < LoRA r | NLL < AdaLoRA | NLL within 2 % of LoRA r0 | "
+              "time <= 1.25x LoRA r0 |", "|---|---|---|---|---|"]
+    mark = {True: "met", False: "**not met**", None: "n/a"}
+    for goal in results["goals"]:
+        lines.append(f"| {goal['run']} | {mark[goal['nll_below_lora_r']]} | {mark[goal['nll_below_adalora']]} | "
+                     f"{mark[goal['nll_within_2pct_of_lora_r0']]} | {mark[goal['time_at_most_1.25x_lora_r0']]} |")
+    lines += ["", f"![final ranks]({Path(results['heatmap']).name})", ""]
+    if results.get("notes"):
+        lines += ["## Notes", "", *results["notes"], ""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    prefix = Path(args.output_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    json_path = prefix.with_suffix(".json")
+    settings = {k: v for k, v in vars(args).items() if k not in ("runs", "fresh", "output_prefix")}
+    previous = json.loads(json_path.read_text()) if json_path.exists() and not args.fresh else None
+    if previous is not None and previous["settings"] != settings:
+        raise SystemExit(f"{json_path} holds runs with other settings; pass --fresh to start over")
+    results = previous or {
+        "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0])), *sys.argv[1:]]),
+        "settings": settings,
+        "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "peft": peft.__version__, "python": platform.python_version(),
+                        "device": "cuda" if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
+                        "torch_threads": torch.get_num_threads()},
+        "data": {"train": str(data_root() / "gsm8k" / "train.jsonl"),
+                 "test": str(data_root() / "gsm8k" / "test.jsonl"),
+                 "wikitext2": str(data_root() / "wikitext2" / "wiki.test.raw")},
+        "runs": {},
+    }
+    _, tokenizer = load_model(args.model)
+    train_set, _ = load_sft_dataset(str(data_root() / "gsm8k" / "train.jsonl"), tokenizer,
+                                    max_answer_tokens=args.max_answer_tokens)
+    test = load_test_sets(tokenizer, args)
+    if "before_training" not in results:
+        model, _ = load_model(args.model)
+        results["before_training"] = evaluate(model, tokenizer, test, args)
+    for spec in tqdm(planned_runs(args), desc="runs"):
+        torch.manual_seed(args.seed)
+        results["runs"][spec["name"]] = run_one(spec, args, train_set, test)
+        with_relative_times(results)
+        results["goals"] = goals(results, args.rank)
+        results["heatmap"] = str(prefix.with_suffix(".png"))
+        write_json(json_path, results)
+        plot_heatmaps(results, prefix.with_suffix(".png"))
+        prefix.with_suffix(".md").write_text(markdown(results))
+    print(prefix.with_suffix(".md").read_text())
+    return 0 if all(math.isfinite(r["test_nll"]["nll"]) for r in results["runs"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
