@@ -76,21 +76,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--ppl-tokens", type=int, default=16384)
     parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--output-prefix", default=str(REPO_ROOT / "benchmarks" / "results" / "adapter_pruning"))
     parser.add_argument("--fresh", action="store_true", help="discard earlier runs in the JSON instead of merging")
     return parser.parse_args(argv)
 
 
 def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Run specifications, in the order they run (LoRA r0 before PrunedLoRA of the same r0)."""
+    """Run specifications in the order they run: the per-module comparisons first, global variants last."""
     runs = [{"name": f"lora-r{args.rank}", "method": "lora", "r0": max(args.r0), "schedule": "per_module"}]
     for r0 in args.r0:
         runs.append({"name": f"lora-r{r0}", "method": "lora-r0", "r0": r0, "schedule": "per_module"})
+        if "per_module" in args.schedules:
+            runs.append({"name": f"prunedlora-{r0}to{args.rank}", "method": "prunedlora", "r0": r0,
+                         "schedule": "per_module"})
         runs.append({"name": f"adalora-{r0}to{args.rank}", "method": "adalora", "r0": r0, "schedule": "global"})
-        for schedule in args.schedules:
-            suffix = "" if schedule == "per_module" else "-global"
-            runs.append({"name": f"prunedlora-{r0}to{args.rank}{suffix}", "method": "prunedlora", "r0": r0,
-                         "schedule": schedule})
+    if "global" in args.schedules:
+        runs += [{"name": f"prunedlora-{r0}to{args.rank}-global", "method": "prunedlora", "r0": r0,
+                  "schedule": "global"} for r0 in args.r0]
     return [run for run in runs if args.runs is None or run["name"] in args.runs]
 
 
@@ -306,6 +309,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     prefix = Path(args.output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     json_path = prefix.with_suffix(".json")
