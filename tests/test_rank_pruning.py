@@ -154,3 +154,18 @@ def test_plain_loop_api_matches_the_schedule():
         optimizer.zero_grad()
         assert event is not None and set(pruner.ranks().values()) == {6 - event.step}
     assert all(event.window_steps == 1 for event in pruner.history)
+
+
+def test_global_events_skip_modules_already_at_rank_zero():
+    model = lora_model(r0=4)
+    config = RankPruningConfig(r0=4, rank=2, schedule="global", prune_every=1, warmup=0.0, cooldown=0.0)
+    pruner = RankPruner(model, config, total_steps=3)
+    pruner.masks.prune(0, pruner.masks.active_indices(0))  # a module that already vanished
+    batch = collate(token_dataset(2))
+    for step in range(1, 4):
+        model(**batch).loss.backward()
+        pruner.observe_gradients()
+        pruner.step(step)
+        model.zero_grad()
+    ranks = list(pruner.ranks().values())
+    assert ranks[0] == 0 and sum(ranks) == 2 * len(ranks)

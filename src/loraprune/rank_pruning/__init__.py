@@ -1,1 +1,37 @@
-"""PrunedLoRA: train an over-parameterised LoRA adapter and prune its rank (design §1.2)."""
+"""PrunedLoRA: train an over-parameterised LoRA adapter and prune its rank (design §1.2).
+
+Modules, one job each: `config` (options), `obs` (score and recovery update, pure maths),
+`schedule` (when and how much), `state` (masks and curvature statistics), `pruner` (the loop as
+plain methods), `callback` (the same inside `transformers.Trainer`), `export` (a physically
+small standard PEFT adapter), `adalora` (the AdaLoRA baseline), `api` (all methods in one harness).
+"""
+
+from loraprune.rank_pruning.api import (
+    METHODS,
+    AdapterRun,
+    AdapterRunConfig,
+    create_adapter,
+    prune_adapter,
+    save_adapter,
+    train_adapter,
+)
+from loraprune.rank_pruning.callback import RankPruningCallback
+from loraprune.rank_pruning.config import RankPruningConfig
+from loraprune.rank_pruning.export import ExportedAdapter, export_pruned_adapter
+from loraprune.rank_pruning.pruner import PruningEvent, RankPruner
+
+__all__ = [
+    "METHODS",
+    "AdapterRun",
+    "AdapterRunConfig",
+    "ExportedAdapter",
+    "PruningEvent",
+    "RankPruner",
+    "RankPruningCallback",
+    "RankPruningConfig",
+    "create_adapter",
+    "export_pruned_adapter",
+    "prune_adapter",
+    "save_adapter",
+    "train_adapter",
+]

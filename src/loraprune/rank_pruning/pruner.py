@@ -153,7 +153,8 @@ class RankPruner:
         start = time.perf_counter()
         ranks = self.masks.ranks()
         sides = self._sides()
-        scores = [sum(removal_scores(side, self.config.newton_step) for side in pair) for pair in sides]
+        scores = [torch.zeros(0) if pair is None else
+                  sum(removal_scores(side, self.config.newton_step) for side in pair) for pair in sides]
         if self.schedule.per_module:
             counts = [max(0, target - (self.config.r0 - rank)) for rank in ranks]
         else:
@@ -178,8 +179,8 @@ class RankPruner:
 
     # ---- scoring and removal ----------------------------------------------------------------
 
-    def _sides(self) -> list[tuple[Side, Side]]:
-        """The quadratic models (B side, A side) of every module over its active components.
+    def _sides(self) -> list[tuple[Side, Side] | None]:
+        """The quadratic models (B side, A side) of every module over its active components (None at rank 0).
 
         Curvatures are inverted in float64 (they can be ill-conditioned); the `(n, k)` products
         run in float32, which is ample for ranking components and compensating them.
@@ -190,7 +191,7 @@ class RankPruner:
         ranks = self.masks.ranks()
         hinv_b: list[Tensor | None] = [None] * len(self.modules)
         hinv_a: list[Tensor | None] = [None] * len(self.modules)
-        for rank in sorted(set(ranks)):  # one batched inverse per distinct rank
+        for rank in sorted(set(ranks) - {0}):  # one batched inverse per distinct rank
             members = [i for i, r in enumerate(ranks) if r == rank]
             indices = torch.stack([self.masks.active_indices(i) for i in members])  # (m, rank)
             for grams, out in ((self.stats.gram_b, hinv_b), (self.stats.gram_a, hinv_a)):
@@ -199,9 +200,12 @@ class RankPruner:
                 selected = torch.gather(selected, 2, indices[:, None, :].expand(-1, rank, -1))
                 for position, hinv in zip(members, damped_inverse(selected, self.config.damping).float()):
                     out[position] = hinv
-        sides = []
+        sides: list[tuple[Side, Side] | None] = []
         for index, module in enumerate(self.modules):
             active = self.masks.active_indices(index)
+            if active.numel() == 0:
+                sides.append(None)
+                continue
             weight_b = module.lora_b.detach().float().index_select(1, active)
             weight_a = module.lora_a.detach().float().index_select(0, active).T
             grad_b = grad_a = None
