@@ -69,3 +69,24 @@ def test_unknown_method_lists_the_methods(tiny_model_dir, tmp_path, capsys):
                  "--method", "lora-guided", "--sparsity", "0.2"])
     assert code == 2
     assert "loraprune, taylor, wanda-sp, magnitude, random" in capsys.readouterr().err
+
+
+def test_unmerged_adapter_is_saved_beside_the_shrunk_base(tiny_model_dir, text_file, tmp_path):
+    from peft import PeftModel
+
+    from loraprune.evaluation.perplexity import evaluate_perplexity
+
+    config = PruneModelConfig(output=str(tmp_path / "out"), model=str(tiny_model_dir), method="loraprune",
+                              sparsity=0.25, steps=4, calibration_data=str(text_file), seq_len=16, batch_size=2,
+                              eval_data=str(text_file), eval_seq_len=16, merge_adapter=False)
+    result = prune_model(config, LoRAPruneConfig(prune_every=2, warmup=0.0, cooldown=0.0))
+    base, tokenizer = load_model(str(result.output))
+    assert sum(p.numel() for p in base.parameters()) == result.report["params_after"]
+    tuned = PeftModel.from_pretrained(base, str(result.output / "adapter"))
+    after = evaluate_perplexity(tuned, tokenizer, str(text_file), seq_len=16, progress=False)
+    assert after.perplexity == pytest.approx(result.report["perplexity_after"]["perplexity"], rel=1e-5)
+    ids = torch.arange(3, 19)[None]
+    with torch.no_grad(), tuned.disable_adapter():
+        without = tuned(input_ids=ids).logits
+    with torch.no_grad():  # the LoRA adapter is trained, not a no-op
+        assert not torch.allclose(tuned(input_ids=ids).logits, without)

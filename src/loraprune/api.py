@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,15 @@ from loraprune.evaluation.perplexity import evaluate_perplexity
 from loraprune.importance import get_criterion
 from loraprune.io import check_output_dir, save_pruned_model, write_json
 from loraprune.model_pruning import LoRAPruneConfig, PruningTarget
-from loraprune.model_pruning.run import LoraRun, LoraSettings, loraprune, train_lora, training_windows
+from loraprune.model_pruning.run import (
+    ADAPTER_DIR,
+    LoraRun,
+    LoraSettings,
+    loraprune,
+    split_adapter,
+    train_lora,
+    training_windows,
+)
 from loraprune.models import load_model
 from loraprune.report import directory_size, pruning_report, size_summary
 from loraprune.selection import parse_layers, plan_budget, select
@@ -102,10 +111,15 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
                                config.allocation, config.attention_unit)
         training, masks = loraprune(model, windows, lora, target, loraprune_config or LoRAPruneConfig())
     if training is not None:
-        model = training.model.merge_and_unload()
+        model = training.model.merge_and_unload() if config.merge_adapter else training.model
     prune_seconds = time.perf_counter() - started
 
     perplexity_after = _perplexity(model, tokenizer, config, "after")
+    adapter_staging = tempfile.TemporaryDirectory(prefix="loraprune-adapter-")
+    extra_dirs = {}
+    if training is not None and not config.merge_adapter:
+        model = split_adapter(training.model, adapter_staging.name)
+        extra_dirs[ADAPTER_DIR] = adapter_staging.name
     report = pruning_report(
         before, model,
         method=config.method,
@@ -122,7 +136,9 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
         loraprune_settings=None if one_shot else dataclasses.asdict(loraprune_config or LoRAPruneConfig()),
         torch_threads=torch.get_num_threads(),
     )
-    save_pruned_model(model, tokenizer, output, overwrite=config.overwrite, extra_json={REPORT_FILE: report})
+    save_pruned_model(model, tokenizer, output, overwrite=config.overwrite, extra_json={REPORT_FILE: report},
+                      extra_dirs=extra_dirs)
+    adapter_staging.cleanup()
     report["file_size_bytes"] = directory_size(output)
     write_json(output / REPORT_FILE, report)
     return PruneResult(model=model, tokenizer=tokenizer, output=output, report=report)

@@ -130,6 +130,10 @@ class PruneModelConfig:
     lora_alpha: float | None = option(None, help="LoRA alpha (default: the rank, i.e. scaling 1)")
     learning_rate: float = option(1e-3, help="peak AdamW learning rate of the LoRA training (linear decay)")
     batch_size: int = option(4, help="windows of seq_len tokens per LoRA training step")
+    merge_adapter: bool = option(
+        True, help="merge the trained LoRA adapter into the shrunk weights (--no-merge-adapter: save the shrunk "
+        "base model and the adapter separately, in OUTPUT/adapter)"
+    )
     seed: int = option(0, help="seed for calibration sampling, random scores and training")
     overwrite: bool = option(False, help="replace OUTPUT if it exists (the old one stays until the new one is done)")
 

@@ -83,10 +83,12 @@ def save_pruned_model(
     *,
     overwrite: bool = False,
     extra_json: dict[str, Any] | None = None,
+    extra_dirs: dict[str, str | os.PathLike] | None = None,
 ) -> bool:
     """Save a (shrunk) model with its tokenizer; returns True if the config is the stock one.
 
-    `extra_json` maps file names to JSON payloads written beside the model (reports).
+    `extra_json` maps file names to JSON payloads written beside the model (reports);
+    `extra_dirs` maps sub-directory names to directories copied in (a separate LoRA adapter).
     A PEFT model must be merged (or unloaded) first: its adapter is saved separately.
     """
     if hasattr(model, "peft_config"):
@@ -109,4 +111,6 @@ def save_pruned_model(
             tokenizer.save_pretrained(staging)
         for name, payload in (extra_json or {}).items():
             write_json(staging / name, payload)
+        for name, source in (extra_dirs or {}).items():
+            shutil.copytree(source, staging / name)
     return stock

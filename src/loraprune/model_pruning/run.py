@@ -26,6 +26,9 @@ from loraprune.model_pruning.pruner import ModelPruner, PruningTarget
 from loraprune.structure import Masks
 from loraprune.training import TrainingConfig, train
 
+#: sub-directory of a saved model that holds its LoRA adapter when it is not merged
+ADAPTER_DIR = "adapter"
+
 #: the methods of `loraprune prune-model`: LoRAPrune, and the one-shot criteria it is compared with
 METHODS = ("loraprune", "taylor", "wanda-sp", "magnitude", "random")
 
@@ -104,3 +107,15 @@ def loraprune(model: PreTrainedModel, windows: list[dict[str, torch.Tensor]], se
         "reached_target": pruner.finished,
     }
     return run, masks
+
+
+def split_adapter(peft_model: PeftModel, directory: str) -> PreTrainedModel:
+    """Save the adapter of a (shrunk) PEFT model in `directory` and return the base model without it.
+
+    The adapter's shapes are those of the shrunk model: load it with
+    `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OUTPUT), OUTPUT/adapter)`.
+    """
+    for adapter_config in peft_model.peft_config.values():
+        adapter_config.base_model_name_or_path = None  # the shrunk model, saved beside the adapter
+    peft_model.save_pretrained(directory)
+    return peft_model.unload()
