@@ -44,7 +44,9 @@ class EvalConfig:
         None, help="evaluate only the first N documents of each task (quick checks; not comparable to full runs)"
     )
     latency: bool = option(
-        False, help="measure forward latency and greedy-generation throughput (with --baseline: side by side)"
+        False,
+        help="measure forward latency and greedy-generation throughput (with --baseline: side by side); on a "
+        "shared CPU, OMP_NUM_THREADS=1 gives steadier numbers than threads competing with other jobs",
     )
     baseline: str | None = option(
         None, help="a second (e.g. dense) model measured beside --model with --latency; ratios are model/baseline"
