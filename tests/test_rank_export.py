@@ -33,8 +33,9 @@ STOCK_LOADER = textwrap.dedent("""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     adapter_dir, ids_file, out_file = sys.argv[1:4]
+    dtype = getattr(torch, sys.argv[4]) if len(sys.argv) > 4 else torch.float32
     base_path = json.load(open(adapter_dir + "/adapter_config.json"))["base_model_name_or_path"]
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
     with torch.no_grad():
         torch.save(model(torch.load(ids_file)).logits, out_file)
