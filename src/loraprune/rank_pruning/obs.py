@@ -22,8 +22,8 @@ the same total loss change (the tests check this against brute force). After an 
 the gradient of the remaining coordinates is unchanged (`Δ_i·H` only has a `j` entry); after
 a Newton step it is zero (the constrained minimum), which is what the sequential form uses.
 
-Everything here works on compact matrices of the *active* components only; callers gather
-and scatter them. Computations are meant for float64.
+Everything here works on compact matrices of the *active* components only, in the dtype it is
+given; callers gather and scatter them.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Side:
     weight: Tensor
     grad: Tensor | None
     hinv: Tensor
-    projected: Tensor = None  # type: ignore[assignment]
+    projected: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.projected is None:

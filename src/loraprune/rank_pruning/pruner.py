@@ -17,9 +17,11 @@ curvatures `H_B`, `H_A` are the mean gradient Gram matrices since the last event
 current batch), damped, inverted in one batched Cholesky per rank. The gradient term uses
 the mean gradient over the same window. The chosen components are removed with the OBS
 recovery update of the remaining ones (and optionally the Newton step), written back in
-place; the LoRA scaling `alpha / r0` is never changed. Under data parallelism every rank
-sees the same all-reduced gradients and takes the same decisions; rank 0's result is
-broadcast anyway so that round-off cannot make replicas drift.
+place; the LoRA scaling `alpha / r0` is never changed. Pruned slices lose their optimizer
+moments; the moments of the compensated components are kept, since they still estimate the
+gradient statistics of the same coordinates, which a recovery update moves only slightly.
+Under data parallelism every rank sees the same all-reduced gradients and takes the same
+decisions; rank 0's result is broadcast anyway so that round-off cannot make replicas drift.
 """
 
 from __future__ import annotations
