@@ -139,10 +139,13 @@ def probe_memory(args: argparse.Namespace) -> dict[str, Any]:
                 pruner.observe()
     else:
         families = get_adapter(model).families(model, args.attention_unit)
-        criterion = get_criterion(method, **({"seed": args.seed} if method == "random" else {}))
+        options = {"seed": args.seed} if method == "random" else {"batch_size": args.batch_size}
+        criterion = get_criterion(method, **(options if method != "magnitude" else {}))
 
         def work():
             criterion.score(model, families, calibration.to(device))
+    with torch.no_grad():  # pages in the weights and sets up the kernels, so the baseline is the loaded model
+        model(input_ids=batch[:1])
     result = _peak_above_baseline(work)
     return {**result, "method": method, "tokens_per_pass": args.batch_size * args.seq_len}
 
