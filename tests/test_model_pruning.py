@@ -169,3 +169,11 @@ def test_training_needs_lora_on_the_scored_matrices():
     with pytest.raises(LoraPruneError, match="mlp has no LoRA adapter"):
         ModelPruner(model, 10, PruningTarget(sparsity=0.3))
     ModelPruner(model, 10, PruningTarget(sparsity=0.0, attention_sparsity=0.5, mlp_sparsity=0.0))
+
+
+@pytest.mark.parametrize("options", [{"allocation": "per-layer"}, {"attention_unit": "heads"}])
+def test_target_options_are_validated(options):
+    from loraprune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="must be one of"):
+        PruningTarget(sparsity=0.2, **options)

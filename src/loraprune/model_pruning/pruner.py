@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from loraprune.config import ALLOCATIONS, ATTENTION_UNITS, check
 from loraprune.errors import LoraPruneError
 from loraprune.importance.lora_guided import LoraGuidedCriterion, lora_layer
 from loraprune.masking import MaskHooks
@@ -72,6 +73,11 @@ class PruningTarget:
     layers: str = "all"
     allocation: str = "global"
     attention_unit: str = "auto"
+
+    def __post_init__(self) -> None:
+        check(self.allocation in ALLOCATIONS, f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        check(self.attention_unit in ATTENTION_UNITS,
+              f"attention_unit must be one of {ATTENTION_UNITS}, got {self.attention_unit!r}")
 
 
 @dataclass(frozen=True)
