@@ -170,6 +170,7 @@ def step_times(args: argparse.Namespace, windows: list[dict]) -> dict[str, Any]:
     optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=args.learning_rate)
                   for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
+    scoring: list[float] = []  # the part of each LoRAPrune step spent in `observe` (the scoring itself)
     for repeat in range(args.step_time_repeats + 1):
         start = (repeat * args.batch_size) % (len(windows) - args.batch_size)
         batch = default_data_collator(windows[start : start + args.batch_size])
@@ -177,7 +178,10 @@ def step_times(args: argparse.Namespace, windows: list[dict]) -> dict[str, Any]:
             started = time.perf_counter()
             model(**batch).loss.backward()
             if name == "loraprune":
+                observed = time.perf_counter()
                 pruner.observe()
+                if repeat > 0:
+                    scoring.append(time.perf_counter() - observed)
             optimizers[name].step()
             if name == "loraprune":
                 pruner.after_optimizer_step(optimizers[name])
@@ -186,6 +190,7 @@ def step_times(args: argparse.Namespace, windows: list[dict]) -> dict[str, Any]:
                 times[name].append(time.perf_counter() - started)
     medians = {name: statistics.median(values) for name, values in times.items()}
     return {"seconds": times, "median_seconds": medians, "ratio": medians["loraprune"] / medians["lora"],
+            "scoring_seconds": scoring, "scoring_share": statistics.median(scoring) / medians["lora"],
             "batch": [args.batch_size, args.seq_len], "repeats": args.step_time_repeats}
 
 
@@ -315,7 +320,9 @@ def markdown(results: dict[str, Any]) -> str:
               "", "Step time, interleaved in one process (median of "
               f"{results['step_time']['repeats']}): LoRAPrune step (scoring every step) "
               f"{results['step_time']['median_seconds']['loraprune']:.2f} s vs plain LoRA step "
-              f"{results['step_time']['median_seconds']['lora']:.2f} s = **{results['step_time']['ratio']:.3f}x**.",
+              f"{results['step_time']['median_seconds']['lora']:.2f} s = **{results['step_time']['ratio']:.3f}x**"
+              + (f"; the scoring itself (`observe`) takes {results['step_time']['scoring_share']:.1%} of a plain step."
+                 if "scoring_share" in results["step_time"] else "."),
               "", "## Goals", ""]
     lines += [f"- {goal['goal']}: **{'met' if goal['met'] else 'not met'}** ({goal['detail']})"
               for goal in results["goals"]]
