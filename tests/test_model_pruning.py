@@ -177,3 +177,32 @@ def test_target_options_are_validated(options):
 
     with pytest.raises(ConfigError, match="must be one of"):
         PruningTarget(sparsity=0.2, **options)
+
+
+@pytest.mark.slow
+def test_default_model_custom_loop_prunes_to_target_without_base_gradients(default_model_dir):
+    """Three LoRAPrune steps on the real SmolLM2 (GQA: KV groups of 3 query heads, 1,536 channels per layer)."""
+    from loraprune.lora import add_lora
+    from loraprune.models import load_model
+
+    model, tokenizer = load_model(str(default_model_dir))
+    model = add_lora(model, r=4)
+    pruner = ModelPruner(model, 3, PruningTarget(sparsity=0.2), LoRAPruneConfig(prune_every=1, warmup=0.0,
+                                                                                   cooldown=0.0))
+    ids = tokenizer("Structured pruning removes whole attention heads and MLP channels while LoRA trains. " * 2,
+                    return_tensors="pt").input_ids
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert all(p.grad is None and not p.requires_grad for _, p in base_weights(model))
+        assert pruner.observe()
+        optimizer.step()
+        pruner.after_optimizer_step(optimizer)
+        optimizer.zero_grad()
+    assert pruner.finished and [e["step"] for e in pruner.history] == [1, 2, 3]
+    assert pruner.decoder_sparsity() == pytest.approx(0.2, abs=0.002)
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+        pruner.finish()
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, masked, rtol=1e-3, atol=2e-3)
