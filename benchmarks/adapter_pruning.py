@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from loraprune.data import SFTCollator, final_answer, format_prompt, load_sft_records, tokenize_sft
 from loraprune.evaluation.perplexity import evaluate_perplexity
+from loraprune.evaluation.sft import answer_nll
 from loraprune.io import write_json
 from loraprune.models import DEFAULT_MODEL, load_model
 from loraprune.rank_pruning.api import load_sft_dataset, save_adapter, train_adapter
@@ -98,22 +99,6 @@ def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def answer_nll(model: torch.nn.Module, examples: list[dict], pad_id: int, batch_size: int) -> dict[str, float]:
-    """Mean NLL (nats) over all answer tokens (labels != -100) of `examples`, token-weighted."""
-    collate = SFTCollator(pad_id)
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
-                                                   ignore_index=-100, reduction="sum")
-        total += float(losses)
-        count += int((labels != -100).sum())
-    return {"nll": total / count, "tokens": count}
 
 
 @torch.no_grad()
