@@ -71,6 +71,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prune-every", type=int, default=10, help="K1 (and AdaLoRA's deltaT)")
     parser.add_argument("--per-event", type=int, default=2, help="K2 of the per-module schedule")
+    parser.add_argument("--compensate", nargs="+", default=["auto"], choices=("auto", "b", "a", "both"),
+                        help="PrunedLoRA recovery-update variants to run (runs other than auto get a -VARIANT suffix)")
     parser.add_argument("--max-answer-tokens", type=int, default=256)
     parser.add_argument("--nll-problems", type=int, default=64)
     parser.add_argument("--em-problems", type=int, default=32)
@@ -83,18 +85,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _variant(compensate: str) -> str:
+    return "" if compensate == "auto" else f"-{compensate}"
+
+
 def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run specifications in the order they run: the per-module comparisons first, global variants last."""
     runs = [{"name": f"lora-r{args.rank}", "method": "lora", "r0": max(args.r0), "schedule": "per_module"}]
     for r0 in args.r0:
         runs.append({"name": f"lora-r{r0}", "method": "lora-r0", "r0": r0, "schedule": "per_module"})
         if "per_module" in args.schedules:
-            runs.append({"name": f"prunedlora-{r0}to{args.rank}", "method": "prunedlora", "r0": r0,
-                         "schedule": "per_module"})
+            runs += [{"name": f"prunedlora-{r0}to{args.rank}{_variant(c)}", "method": "prunedlora", "r0": r0,
+                      "schedule": "per_module", "compensate": c} for c in args.compensate]
         runs.append({"name": f"adalora-{r0}to{args.rank}", "method": "adalora", "r0": r0, "schedule": "global"})
     if "global" in args.schedules:
-        runs += [{"name": f"prunedlora-{r0}to{args.rank}-global", "method": "prunedlora", "r0": r0,
-                  "schedule": "global"} for r0 in args.r0]
+        runs += [{"name": f"prunedlora-{r0}to{args.rank}-global{_variant(c)}", "method": "prunedlora", "r0": r0,
+                  "schedule": "global", "compensate": c} for r0 in args.r0 for c in args.compensate]
     return [run for run in runs if args.runs is None or run["name"] in args.runs]
 
 
@@ -142,7 +148,8 @@ def run_one(spec: dict[str, Any], args: argparse.Namespace, train_set: list, tes
     model, tokenizer = load_model(args.model)
     collator = SFTCollator(tokenizer.pad_token_id)
     pruning = RankPruningConfig(r0=spec["r0"], rank=args.rank, schedule=spec["schedule"],
-                                prune_every=args.prune_every, per_event=args.per_event)
+                                prune_every=args.prune_every, per_event=args.per_event,
+                                compensate=spec.get("compensate", "auto"))
     training = TrainingConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                               seed=args.seed, logging_steps=max(1, args.steps // 10))
     run = train_adapter(model, train_set, collator, spec["method"], pruning, training)
@@ -256,7 +263,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"alpha/r = 1 for every method, answers cut at {s['max_answer_tokens']} tokens, loss on answer tokens. "
         f"PrunedLoRA: prune every {s['prune_every']} steps after a 10 % warm-up until the start of a 10 % "
         f"cool-down (per_module: K2 = {s['per_event']} raised to reach the target in time; global: cubic budget), "
-        f"OBS score with gradient term, curvature = mean gradient Gram since the last event, damping 1 %. "
+        f"OBS score with gradient term, recovery update on one factor (auto: the one the quadratic model prices "
+        f"lower; runs suffixed -both apply both one-sided updates, the paper's literal form), "
+        f"curvature = mean gradient Gram since the last event, damping 1 %. "
         f"AdaLoRA: PEFT defaults, tinit/tfinal/deltaT = the same warm-up/cool-down/interval.",
         "",
         f"Evaluation: answer-token NLL on the first {s['nll_problems']} problems of GSM8K test.jsonl (file "

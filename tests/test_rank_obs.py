@@ -10,7 +10,9 @@ from loraprune.rank_pruning.obs import (
     block_update,
     damped_inverse,
     downdate_inverse,
+    ranking_scores,
     removal_scores,
+    remove_components,
 )
 
 F64 = torch.float64
@@ -143,3 +145,57 @@ def test_compensation_beats_plain_zeroing_on_the_quadratic_model(seed):
     (obs_weight,), obs_loss = block_removal([Side(weight, None, hinv)], remove)
     assert obs_loss < quadratic_loss(zeroing, None, hessian)
     torch.testing.assert_close(obs_loss, quadratic_loss(obs_weight - weight, None, hessian))
+
+
+def redundant_lora_problem(seed: int = 0, rows: int = 6, inputs: int = 5, k: int = 4):
+    """LoRA factors whose components 0 and 1 share the same row of `A`, with empirical-Fisher curvatures.
+
+    The loss is a least-squares regression through `W = B·A` over random mini-batches; the Gram
+    matrices of the per-batch gradients of `B` and `Aᵀ` are the curvatures, as in the pruner.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    lora_b = torch.randn(rows, k, generator=gen, dtype=F64)
+    lora_a = torch.randn(k, inputs, generator=gen, dtype=F64)
+    lora_a[1] = lora_a[0]
+    target = torch.randn(rows, inputs, generator=gen, dtype=F64)
+    gram_b, gram_a = torch.zeros(k, k, dtype=F64), torch.zeros(k, k, dtype=F64)
+    for _ in range(16):
+        x = torch.randn(8, inputs, generator=gen, dtype=F64)
+        grad_w = (x @ (lora_b @ lora_a - target).T).T @ x / 8  # dL/dW of ½‖x·(W − T)ᵀ‖²/8
+        grad_b, grad_a = grad_w @ lora_a.T, (lora_b.T @ grad_w).T
+        gram_b += grad_b.T @ grad_b
+        gram_a += grad_a.T @ grad_a
+    sides = (Side(lora_b, None, damped_inverse(gram_b, 1e-6)), Side(lora_a.T, None, damped_inverse(gram_a, 1e-6)))
+    return lora_b, lora_a, sides
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_one_sided_compensation_absorbs_a_redundant_component(sequential):
+    lora_b, lora_a, sides = redundant_lora_problem()
+    scores = tuple(removal_scores(side) for side in sides)
+    product = lora_b @ lora_a
+    removal_b = remove_components(sides, (scores[0], scores[1]), 1, "b", sequential)
+    removal_both = remove_components(sides, scores, 1, "both", sequential)
+    zeroing_error = (lora_b[:, :1] @ lora_a[:1]).norm()
+    # component 0 (or 1) goes and its twin takes over its contribution: the product barely changes
+    assert removal_b.positions.tolist() in ([0], [1])
+    error_b = (removal_b.weight_b @ removal_b.weight_a.T - product).norm()
+    assert error_b < 1e-3 * zeroing_error
+    assert torch.all(removal_b.weight_b[:, removal_b.positions] == 0)
+    assert torch.all(removal_b.weight_a[:, removal_b.positions] == 0)
+    # compensating both factors for the same removal overshoots: about as bad as no compensation
+    error_both = (removal_both.weight_b @ removal_both.weight_a.T - product).norm()
+    assert error_both > 0.5 * zeroing_error
+
+
+def test_auto_compensation_takes_the_cheaper_factor():
+    _, _, sides = redundant_lora_problem(seed=1)
+    scores = tuple(removal_scores(side) for side in sides)
+    auto = remove_components(sides, scores, 2, "auto")
+    by_side = {choice: remove_components(sides, scores, 2, choice) for choice in ("b", "a")}
+    cheaper = min(by_side, key=lambda choice: float(by_side[choice].loss_change))
+    assert auto.compensated == cheaper
+    torch.testing.assert_close(auto.weight_b, by_side[cheaper].weight_b)
+    torch.testing.assert_close(auto.weight_a, by_side[cheaper].weight_a)
+    assert torch.equal(ranking_scores(scores, "auto"), torch.minimum(*scores))
+    torch.testing.assert_close(ranking_scores(scores, "both"), scores[0] + scores[1])

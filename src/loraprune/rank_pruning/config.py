@@ -45,6 +45,13 @@ class RankPruningConfig:
     newton_step: bool = option(
         False, help="also take the second-order (Newton) step on the remaining components when pruning"
     )
+    compensate: str = option(
+        "auto",
+        help="which factor's remaining components absorb a removal: b (columns of B, A fixed), a (rows of A, "
+        "B fixed), auto (per module and event, the factor whose removal the quadratic model prices lower), "
+        "both (the paper's literal sum of the two one-sided updates; measured to overshoot, see the README)",
+        choices=("auto", "b", "a", "both"),
+    )
     removal: str = option(
         "block",
         help="block: remove the lowest-scoring components of a module at once with the block update; "

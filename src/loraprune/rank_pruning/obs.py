@@ -15,8 +15,15 @@ Removing a set `Q` forces `Δ_iQ = −w_iQ`. With `M = (H⁻¹)_QQ`:
   `Δ_i = −g_i·H⁻¹ − λ_i·(H⁻¹)_Q,:`, the constrained minimiser of `f`; its loss change is
   `Σ_i ½·λ_i·M·λ_iᵀ − ½·g_i·H⁻¹·g_iᵀ`.
 
-The score of a component is the loss change of removing it alone, summed over the sides of
-its module. Removing several components either uses the block form above or removes them one
+The score of a component on a side is the loss change of removing it alone with that side's
+update, the other factor held fixed. A component is dead as soon as one of its factors is zero,
+so one factor's update already accounts for the whole removal; the other factor's slice is then
+dropped at no cost. Applying *both* one-sided updates (the literal `score_B + score_A` form)
+makes both factors absorb the same removal: on a trained SmolLM2 adapter this overshoot raised
+the held-out loss far above plain zeroing, while either one-sided update recovered almost all of
+it (README, PrunedLoRA). `remove_components` therefore compensates with one factor by default.
+
+Removing several components either uses the block form above or removes them one
 at a time, downdating `H⁻¹` in between; on the quadratic model both give the same weights and
 the same total loss change (the tests check this against brute force). After an OBS removal
 the gradient of the remaining coordinates is unchanged (`Δ_i·H` only has a `j` entry); after
@@ -179,3 +186,64 @@ class SequentialRemoval:
             weight[:, columns] = side.weight
             out.append(weight)
         return out
+
+
+COMPENSATED_SIDES = {"b": (0,), "a": (1,), "both": (0, 1)}  # indices into a module's (B side, A side)
+
+
+def ranking_scores(side_scores: tuple[Tensor, Tensor], compensate: str) -> Tensor:
+    """Per-component score used to choose what to remove: the predicted loss change of the removal applied.
+
+    A component is dead once either of its factors is zero, so removing it with the recovery
+    update on one factor costs that factor's score; the other factor's slice then goes for free.
+    `auto` takes the cheaper factor per component (the update itself picks one factor per module).
+    """
+    score_b, score_a = side_scores
+    if compensate == "both":
+        return score_b + score_a
+    if compensate == "b":
+        return score_b
+    if compensate == "a":
+        return score_a
+    return torch.minimum(score_b, score_a)
+
+
+@dataclass
+class ModuleRemoval:
+    """Result of removing components from one module: new compact weights of both factors."""
+
+    positions: Tensor  # removed positions among the active components
+    weight_b: Tensor  # (out, k): B's active columns, removed ones zero
+    weight_a: Tensor  # (in, k): Aᵀ's active columns, removed ones zero
+    loss_change: Tensor  # predicted by the quadratic model of the compensating factor(s)
+    compensated: str  # "b", "a" or "both"
+
+
+def remove_components(sides: tuple[Side, Side], side_scores: tuple[Tensor, Tensor], count: int, compensate: str,
+                      sequential: bool = False, newton: bool = False) -> ModuleRemoval:
+    """Remove `count` components of a module (B side, A side) with the recovery update on `compensate`.
+
+    The compensating factor's remaining components absorb the removal (block form, or one at a
+    time with downdates when `sequential`); the other factor only loses the removed slices,
+    which costs nothing once the compensating factor's slices are zero. `auto` tries B and A and
+    keeps the one with the lower predicted loss change.
+    """
+    best = None
+    for choice in (("b", "a") if compensate == "auto" else (compensate,)):
+        chosen = COMPENSATED_SIDES[choice]
+        compensating = [sides[i] for i in chosen]
+        if sequential:
+            greedy = SequentialRemoval(compensating, newton)
+            greedy.greedy(count)
+            positions = torch.tensor(greedy.removed, dtype=torch.long, device=sides[0].weight.device)
+            weights, loss = greedy.weights(), greedy.loss_change
+        else:
+            positions = torch.argsort(sum(side_scores[i] for i in chosen), stable=True)[:count]
+            weights, loss = block_removal(compensating, positions, newton)
+        if best is None or loss < best[2]:
+            best = (choice, positions, loss, dict(zip(chosen, weights)))
+    choice, positions, loss, updated = best
+    new = [updated.get(i, side.weight.clone()) for i, side in enumerate(sides)]
+    for weight in new:
+        weight[:, positions] = 0.0
+    return ModuleRemoval(positions, new[0], new[1], loss, choice)

@@ -16,12 +16,15 @@ At an event every module's active components are scored (design §1.2, `obs.py`)
 curvatures `H_B`, `H_A` are the mean gradient Gram matrices since the last event (or the
 current batch), damped, inverted in one batched Cholesky per rank. The gradient term uses
 the mean gradient over the same window. The chosen components are removed with the OBS
-recovery update of the remaining ones (and optionally the Newton step), written back in
-place; the LoRA scaling `alpha / r0` is never changed. Pruned slices lose their optimizer
+recovery update of the remaining ones (and optionally the Newton step) on one factor, the
+cheaper one per module by default (`compensate`), written back in place; the LoRA scaling
+`alpha / r0` is never changed. Pruned slices lose their optimizer
 moments; the moments of the compensated components are kept, since they still estimate the
 gradient statistics of the same coordinates, which a recovery update moves only slightly.
-Under data parallelism every rank sees the same all-reduced gradients and takes the same
+Under data parallelism (DDP) every rank sees the same all-reduced gradients and takes the same
 decisions; rank 0's result is broadcast anyway so that round-off cannot make replicas drift.
+Under FSDP2 the (small) LoRA matrices and their gradients are gathered whole for the statistics
+and the scores, and each rank writes the recovery update into its own shards.
 """
 
 from __future__ import annotations
@@ -33,13 +36,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from peft import PeftModel
 from torch import Tensor
 
+from loraprune.distributed import broadcast_from_main, full_tensor, index_copy_, is_sharded, unwrap_parallel
 from loraprune.errors import LoraPruneError
 from loraprune.rank_pruning.config import RankPruningConfig
-from loraprune.rank_pruning.obs import SequentialRemoval, Side, block_removal, damped_inverse, removal_scores
+from loraprune.rank_pruning.obs import Side, damped_inverse, ranking_scores, removal_scores, remove_components
 from loraprune.rank_pruning.schedule import RankSchedule
 from loraprune.rank_pruning.state import CurvatureStats, LoraModule, RankMasks, find_lora_modules
 
@@ -56,6 +59,7 @@ class PruningEvent:
     total_rank: int
     window_steps: int
     seconds: float
+    compensated: dict[str, str]  # per module: the factor(s) whose remaining components absorbed the removal
 
 
 def global_removal_counts(scores: Sequence[Tensor], need: int, min_rank: int, normalization: str) -> list[int]:
@@ -99,7 +103,7 @@ class RankPruner:
     def __init__(self, model: PeftModel, config: RankPruningConfig, total_steps: int,
                  adapter: str = "default") -> None:
         self.config = config
-        self.modules: list[LoraModule] = find_lora_modules(model, adapter)
+        self.modules: list[LoraModule] = find_lora_modules(unwrap_parallel(model), adapter)
         expected_scaling = config.lora_alpha / config.r0
         for module in self.modules:
             rank, scaling = module.layer.r[adapter], module.layer.scaling[adapter]
@@ -155,23 +159,28 @@ class RankPruner:
         start = time.perf_counter()
         ranks = self.masks.ranks()
         sides = self._sides()
-        scores = [torch.zeros(0) if pair is None else
-                  sum(removal_scores(side, self.config.newton_step) for side in pair) for pair in sides]
+        side_scores = [None if pair is None else
+                       tuple(removal_scores(side, self.config.newton_step) for side in pair) for pair in sides]
+        scores = [torch.zeros(0) if pair is None else ranking_scores(pair, self.config.compensate)
+                  for pair in side_scores]
         if self.schedule.per_module:
             counts = [max(0, target - (self.config.r0 - rank)) for rank in ranks]
         else:
             need = target - sum(self.config.r0 - rank for rank in ranks)
             counts = global_removal_counts(scores, max(need, 0), self.config.min_rank, self.config.normalization)
         removed: dict[str, list[int]] = {}
+        compensated: dict[str, str] = {}
         predicted = 0.0
         for index, count in enumerate(counts):
             if count > 0:
-                components, loss = self._remove(index, sides[index], scores[index], count, optimizer)
-                removed[self.modules[index].name] = components.tolist()
+                name = self.modules[index].name
+                components, loss, compensated[name] = self._remove(index, sides[index], side_scores[index], count,
+                                                                   optimizer)
+                removed[name] = components.tolist()
                 predicted += float(loss)
         self._broadcast()
         event = PruningEvent(step, removed, predicted, sum(self.masks.ranks()), self.stats.count,
-                             time.perf_counter() - start)
+                             time.perf_counter() - start, compensated)
         self.history.append(event)
         self.stats.reset()
         logger.log(logging.INFO if removed else logging.DEBUG,
@@ -208,8 +217,8 @@ class RankPruner:
             if active.numel() == 0:
                 sides.append(None)
                 continue
-            weight_b = module.lora_b.detach().float().index_select(1, active)
-            weight_a = module.lora_a.detach().float().index_select(0, active).T
+            weight_b = full_tensor(module.lora_b.detach()).float().index_select(1, active)
+            weight_a = full_tensor(module.lora_a.detach()).float().index_select(0, active).T
             grad_b = grad_a = None
             if self.config.use_gradient and self.stats.count:
                 grad_b = self.stats.grad_b[index].index_select(1, active) / count
@@ -218,34 +227,27 @@ class RankPruner:
         return sides
 
     @torch.no_grad()
-    def _remove(self, index: int, sides: tuple[Side, Side], scores: Tensor, count: int,
-                optimizer: torch.optim.Optimizer | None) -> tuple[Tensor, Tensor]:
-        """Remove `count` components of module `index` with the recovery update; returns them and the loss."""
+    def _remove(self, index: int, sides: tuple[Side, Side], side_scores: tuple[Tensor, Tensor], count: int,
+                optimizer: torch.optim.Optimizer | None) -> tuple[Tensor, Tensor, str]:
+        """Remove `count` components of module `index` with the recovery update, in place.
+
+        Returns the removed components, the predicted loss change and which factor compensated.
+        """
+        removal = remove_components(sides, side_scores, count, self.config.compensate,
+                                    self.config.removal == "sequential", self.config.newton_step)
         active = self.masks.active_indices(index)
-        if self.config.removal == "block":
-            positions = torch.argsort(scores, stable=True)[:count]
-            (weight_b, weight_a), loss = block_removal(sides, positions, self.config.newton_step)
-        else:
-            sequential = SequentialRemoval(sides, self.config.newton_step)
-            sequential.greedy(count)
-            positions = torch.tensor(sequential.removed, dtype=torch.long, device=active.device)
-            weight_b, weight_a = sequential.weights()
-            loss = sequential.loss_change
         module = self.modules[index]
-        module.lora_b[:, active] = weight_b.to(module.lora_b.dtype)
-        module.lora_a[active] = weight_a.T.to(module.lora_a.dtype)
-        components = active[positions]
+        index_copy_(module.lora_b, 1, active, removal.weight_b.to(module.lora_b.dtype))
+        index_copy_(module.lora_a, 0, active, removal.weight_a.T.to(module.lora_a.dtype))
+        components = active[removal.positions]
         self.masks.prune(index, components, optimizer)
-        return components, loss
+        return components, removal.loss_change, removal.compensated
 
     def _broadcast(self) -> None:
-        """Make every data-parallel replica hold rank 0's masks and LoRA weights."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return
-        dist.broadcast(self.masks.active, src=0)
-        for module in self.modules:
-            dist.broadcast(module.lora_a.data, src=0)
-            dist.broadcast(module.lora_b.data, src=0)
+        """Make every data-parallel replica hold rank 0's masks and LoRA weights (FSDP shards stay each rank's)."""
+        replicated = [param.data for module in self.modules for param in (module.lora_a, module.lora_b)
+                      if not is_sharded(param)]
+        broadcast_from_main([self.masks.active, *replicated])
 
     # ---- results ----------------------------------------------------------------------------
 
