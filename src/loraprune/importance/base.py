@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from loraprune.distributed import full_tensor
 from loraprune.structure import GroupFamily, MatrixSlicing
 
 
@@ -25,14 +26,18 @@ class Criterion(ABC):
 
 def unit_scores(family: GroupFamily, slicing: MatrixSlicing, element: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum per-element importance of one matrix (and its row bias) over each unit's block."""
+    """Sum per-element importance of one matrix (and its row bias) over each unit's block.
+
+    A sharded `element` (FSDP2: a DTensor of local rows) is summed locally, then its row or
+    column sums are gathered whole, so every rank gets the same unit scores.
+    """
     element = element.float()
     if slicing.dim == 0:
         rows = element.sum(dim=1)
         if bias is not None:
             rows = rows + bias.float()
-        return rows.view(family.count, slicing.block).sum(dim=1)
-    return element.sum(dim=0).view(family.count, slicing.block).sum(dim=1)
+        return full_tensor(rows).view(family.count, slicing.block).sum(dim=1)
+    return full_tensor(element.sum(dim=0)).view(family.count, slicing.block).sum(dim=1)
 
 
 def normalised_sum(per_matrix: list[torch.Tensor]) -> torch.Tensor:

@@ -25,8 +25,11 @@ momentum, factored moments) can move them.
 
 The schedule position, the moving-average scores and the masks are the whole state
 (`state_dict` / `load_state_dict`): a run resumed from a checkpoint continues exactly.
-Under data parallelism the gradients are already all-reduced, every rank computes the same
-scores, and rank 0's masks are broadcast so that round-off cannot make replicas diverge.
+Under data parallelism (DDP) the gradients are already all-reduced, every rank computes the
+same scores, and rank 0's masks are broadcast so that round-off cannot make replicas diverge.
+A DDP-wrapped model is unwrapped, so module paths are the model's own. Under FSDP2 the scores
+are computed on each rank's shards and reduced (`loraprune.distributed`), pruned slices are
+zeroed in the local shards, and `finish` needs the whole model (gather it first).
 """
 
 from __future__ import annotations
@@ -37,10 +40,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from loraprune.config import ALLOCATIONS, ATTENTION_UNITS, check
+from loraprune.distributed import broadcast_from_main, index_fill_, is_distributed, is_sharded, unwrap_parallel
 from loraprune.errors import LoraPruneError
 from loraprune.importance.lora_guided import LoraGuidedCriterion, lora_layer
 from loraprune.masking import MaskHooks
@@ -94,6 +97,7 @@ class ModelPruner:
 
     def __init__(self, model: nn.Module, total_steps: int, target: PruningTarget,
                  config: LoRAPruneConfig | None = None, adapter: str = "default") -> None:
+        model = unwrap_parallel(model)
         self.model = model
         self.target = target
         self.config = config or LoRAPruneConfig()
@@ -246,12 +250,12 @@ class ModelPruner:
     def _zero_pruned_slices(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Zero the pruned LoRA slices (and, given an optimizer, every state tensor shaped like them)."""
         for piece in self._pruned_slices:
-            piece.param.index_fill_(piece.dim, piece.index, 0.0)
+            index_fill_(piece.param, piece.dim, piece.index, 0.0)
             if optimizer is None:
                 continue
             for value in optimizer.state.get(piece.param, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == piece.param.shape:
-                    value.index_fill_(piece.dim, piece.index, 0.0)
+                    index_fill_(value, piece.dim, piece.index, 0.0)
 
     # ---- end of the run ---------------------------------------------------------------------------
 
@@ -262,6 +266,9 @@ class ModelPruner:
         """
         if self._hooks is None:
             raise LoraPruneError("this pruner has already finished (the model is shrunk)")
+        if any(is_sharded(param) for param in self.model.parameters()):
+            raise LoraPruneError("the model is sharded (FSDP): load its full state dict into an unsharded copy and "
+                                 "shrink that with loraprune.shrink.shrink_model(copy, pruner.families, pruner.masks)")
         if not self.finished:
             logger.warning("LoRAPrune: shrinking before the target was reached (%.2f%% of decoder params removed)",
                            100 * self.decoder_sparsity())
@@ -312,11 +319,11 @@ def _device(model: nn.Module) -> torch.device:
 
 def _broadcast_from_rank0(masks: Masks, device: torch.device) -> Masks:
     """Rank 0's masks on every rank (a no-op without an initialised process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_distributed():
         return masks
     keys = sorted(masks)
     flat = torch.cat([masks[key] for key in keys]).to(device=device, dtype=torch.uint8)
-    dist.broadcast(flat, src=0)
+    broadcast_from_main([flat])
     flat = flat.bool().cpu()
     sizes = [masks[key].numel() for key in keys]
     return {key: part.clone() for key, part in zip(keys, torch.split(flat, sizes))}

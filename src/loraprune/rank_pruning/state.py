@@ -19,6 +19,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
+from loraprune.distributed import full_tensor, index_fill_
 from loraprune.errors import LoraPruneError
 
 
@@ -90,13 +91,12 @@ class RankMasks:
     def zero_gradients(self) -> None:
         """Zero the gradient slices of pruned components (call before the optimizer step)."""
         for index, module in enumerate(self.modules):
-            pruned = ~self.active[index]
-            if not pruned.any():
+            pruned = torch.nonzero(~self.active[index]).flatten()
+            if pruned.numel() == 0:
                 continue
-            if module.lora_a.grad is not None:
-                module.lora_a.grad[pruned.to(module.lora_a.device)] = 0.0
-            if module.lora_b.grad is not None:
-                module.lora_b.grad[:, pruned.to(module.lora_b.device)] = 0.0
+            for param, dim in ((module.lora_a, 0), (module.lora_b, 1)):
+                if param.grad is not None:
+                    index_fill_(param.grad, dim, pruned, 0.0)
 
     @torch.no_grad()
     def prune(self, index: int, components: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -108,14 +108,12 @@ class RankMasks:
         """
         module = self.modules[index]
         self.active[index, components.to(self.active.device)] = False
-        pairs = ((module.lora_a, (components.to(module.lora_a.device),)),
-                 (module.lora_b, (slice(None), components.to(module.lora_b.device))))
-        for param, where in pairs:
-            param[where] = 0.0
+        for param, dim in ((module.lora_a, 0), (module.lora_b, 1)):
+            index_fill_(param, dim, components, 0.0)
             state = optimizer.state.get(param, {}) if optimizer is not None else {}
             for value in state.values():
                 if isinstance(value, Tensor) and value.shape == param.shape:
-                    value[where] = 0.0
+                    index_fill_(value, dim, components, 0.0)
 
     def remove_hooks(self) -> None:
         """Detach the forward masks (the pruned weights stay zero, so outputs do not change)."""
@@ -173,7 +171,7 @@ class CurvatureStats:
 
 
 def _grad(param: nn.Parameter) -> Tensor:
-    """The gradient of `param` in float32 (zeros when it received none)."""
+    """The whole gradient of `param` in float32 (zeros when it received none; gathered when sharded)."""
     if param.grad is None:
         return torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-    return param.grad.detach().float()
+    return full_tensor(param.grad.detach()).float()
