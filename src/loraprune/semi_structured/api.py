@@ -1,0 +1,114 @@
+"""`prune_nm`: the Python entry point behind `loraprune prune-nm`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loraprune.data import calibration_batches, load_text
+from loraprune.evaluation.perplexity import evaluate_perplexity
+from loraprune.io import check_output_dir, save_pruned_model, write_json
+from loraprune.model_pruning.config import LoRAPruneConfig
+from loraprune.model_pruning.run import LoraSettings, training_windows
+from loraprune.models import load_model
+from loraprune.report import directory_size, environment, size_summary
+from loraprune.semi_structured.config import PruneNMConfig
+from loraprune.semi_structured.one_shot import prune_one_shot
+from loraprune.semi_structured.run import loraprune_nm, masked_recovery, nm_summary, require_pattern
+from loraprune.semi_structured.targets import nm_modules
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "loraprune_report.json"
+
+
+@dataclass
+class NMResult:
+    """The N:M model (in memory, merged), where it was written, and its report."""
+
+    model: nn.Module
+    tokenizer: Any
+    output: Path
+    report: dict[str, Any]
+
+
+def _perplexity(model: nn.Module, tokenizer: Any, config: PruneNMConfig, label: str) -> dict[str, Any] | None:
+    if not config.eval_data:
+        return None
+    logger.info("perplexity %s on %s (seq_len %d)", label, config.eval_data, config.eval_seq_len)
+    result = evaluate_perplexity(model, tokenizer, config.eval_data, seq_len=config.eval_seq_len,
+                                 max_tokens=config.eval_max_tokens, model_name=config.model)
+    logger.info("%s", result)
+    return result.to_dict()
+
+
+def prune_nm(config: PruneNMConfig, schedule: LoRAPruneConfig | None = None) -> NMResult:
+    """Prune the decoder projections of `config.model` to an N:M pattern and save the merged model.
+
+    "loraprune" prunes while a LoRA adapter trains for `config.steps` steps (schedule options in
+    `schedule`); the one-shot methods prune on calibration windows and then, if `config.steps`,
+    train LoRA under the fixed mask. The saved model has the stock config (only weights are
+    zero) and `loraprune_report.json`, whose `nm` entry counts the zeros and the groups that
+    break the pattern (always 0: the run fails otherwise).
+    """
+    output = check_output_dir(config.output, config.overwrite)
+    if config.eval_data:
+        load_text(config.eval_data)  # a missing file fails now, not after pruning
+    pattern = config.nm_pattern
+    schedule = schedule or LoRAPruneConfig()
+    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    modules = nm_modules(model, pattern, config.layers)
+    windows = training_windows(tokenizer, config.calibration_data, config.seq_len) if config.steps else None
+    lora = LoraSettings(steps=config.steps, rank=config.lora_rank, alpha=config.lora_alpha,
+                        learning_rate=config.learning_rate, batch_size=config.batch_size, seed=config.seed)
+    batches = None
+    if config.method in ("wanda", "sparsegpt"):
+        batches = calibration_batches(tokenizer, config.calibration_data, config.calibration_samples,
+                                      config.seq_len, config.seed)
+    before = size_summary(model)
+    perplexity_before = _perplexity(model, tokenizer, config, "before")
+
+    started = time.perf_counter()
+    training, perplexity_one_shot = None, None
+    if config.method == "loraprune":
+        model, run, _ = loraprune_nm(model, windows, lora, pattern, schedule, config.layers)
+        training = run.summary
+    else:
+        masks = prune_one_shot(model, config.method, pattern, modules, batches, batch_size=config.batch_size,
+                               block_size=config.sparsegpt_block_size, damp=config.sparsegpt_damp)
+        if config.steps:
+            perplexity_one_shot = _perplexity(model, tokenizer, config, "after one-shot pruning")
+            model, run = masked_recovery(model, masks, windows, lora)
+            training = run.summary
+    prune_seconds = time.perf_counter() - started
+    summary = nm_summary(model, modules, pattern)
+    require_pattern(summary)
+
+    report = {
+        "method": config.method,
+        "nm": summary,
+        "sparsity_definition": "zeros among the weights of the decoder layers' attention+MLP projections; "
+                               "parameter counts do not change (the zeros are stored)",
+        "params": before["params"],
+        "decoder_params": before["decoder_params"],
+        "perplexity_before": perplexity_before,
+        "perplexity_one_shot": perplexity_one_shot,
+        "perplexity_after": _perplexity(model, tokenizer, config, "after"),
+        "prune_seconds": prune_seconds,
+        "training": training,
+        "settings": dataclasses.asdict(config),
+        "loraprune_settings": dataclasses.asdict(schedule) if config.method == "loraprune" else None,
+        "torch_threads": torch.get_num_threads(),
+        "environment": environment(),
+    }
+    save_pruned_model(model, tokenizer, output, overwrite=config.overwrite, extra_json={REPORT_FILE: report})
+    report["file_size_bytes"] = directory_size(output)
+    write_json(output / REPORT_FILE, report)
+    return NMResult(model=model, tokenizer=tokenizer, output=output, report=report)

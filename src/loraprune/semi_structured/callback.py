@@ -1,0 +1,60 @@
+"""`transformers.TrainerCallback`s for N:M training: LoRAPrune N:M, and LoRA recovery under a fixed N:M mask.
+
+The Trainer calls `on_pre_optimizer_step` with the final, unscaled gradients of a step and
+`on_optimizer_step` after `optimizer.step()` (see `loraprune.model_pruning.callback`), so the
+pruner reads the LoRA gradients in the first and tightens the masks in the second.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from loraprune.errors import LoraPruneError
+from loraprune.model_pruning.config import LoRAPruneConfig
+from loraprune.semi_structured.masked_lora import MaskedMergedForward
+from loraprune.semi_structured.pattern import NMPattern
+from loraprune.semi_structured.pruner import NMPruner
+
+
+class NMPruneCallback(TrainerCallback):
+    """Runs an `NMPruner` inside `Trainer.train()`; `pruner.finish()` afterwards gives the merged N:M model."""
+
+    def __init__(self, pattern: NMPattern, config: LoRAPruneConfig | None = None, layers: str = "all",
+                 adapter: str = "default") -> None:
+        self.pattern = pattern
+        self.config = config or LoRAPruneConfig()
+        self.layers = layers
+        self.adapter = adapter
+        self.pruner: NMPruner | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model=None, **kwargs) -> None:
+        if self.pruner is not None:
+            raise LoraPruneError("an NMPruneCallback prunes one training run; create a new one per Trainer")
+        if state.global_step > 0:
+            raise LoraPruneError("LoRAPrune N:M cannot resume from a checkpoint (its element scores are not saved)")
+        self.pruner = NMPruner(model, state.max_steps, self.pattern, self.config, self.layers, self.adapter)
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                              **kwargs) -> None:
+        self.pruner.observe()
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                          **kwargs) -> None:
+        self.pruner.after_optimizer_step()
+
+
+class FixedMaskCallback(TrainerCallback):
+    """Trains LoRA under fixed keep-masks (recovery after one-shot N:M pruning): the forward uses
+    `mask ⊙ (W0 + s·B·A)`, so merging with `merge_masked` keeps the pattern."""
+
+    def __init__(self, masks: dict[str, torch.Tensor], adapter: str = "default") -> None:
+        self.masks = masks
+        self.adapter = adapter
+        self.forward: MaskedMergedForward | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model=None, **kwargs) -> None:
+        if self.forward is None:
+            self.forward = MaskedMergedForward(model, self.masks, self.adapter)
