@@ -21,7 +21,12 @@ Measured per method and sparsity:
   dense model for the same steps, and the per-step time of LoRAPrune (while it still scores)
   against a plain LoRA step, interleaved in one process (median);
 * forward latency of every pruned model against the dense one, in one process with
-  interleaved repeats (median), with the FLOPs ratio its shape promises.
+  interleaved repeats (median), with the FLOPs ratio its shape promises. Latency depends on
+  the layer widths only, so it is measured on models rebuilt at each run's recorded widths
+  (same classes, random weights): a resumed benchmark needs no pruned model kept around.
+
+`--resume` keeps the finished rows, memory probes and step times of an earlier run with the
+same settings and runs only what is missing (the runs are long on a CPU).
 
 Example (the settings used for benchmarks/results/model_pruning.*):
 
@@ -45,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import default_data_collator
+from transformers import AutoModelForCausalLM, default_data_collator
 
 from loraprune.api import prune_model
 from loraprune.config import PruneModelConfig
@@ -60,6 +65,7 @@ from loraprune.model_pruning.run import METHODS, LoraSettings, train_lora, train
 from loraprune.models import load_model
 from loraprune.report import count_parameters, directory_size, environment
 from loraprune.structure import get_adapter
+from loraprune.structure.base import LayerSizes
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LORAPRUNE_DATA_DIR") or ROOT.parent / "shared" / "data")
@@ -94,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-batch", type=int, default=1)
     parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--name", default="model_pruning", help="results are written to NAME.json and NAME.md")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the finished runs of NAME.json (same settings) and run only the missing ones")
     parser.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)  # internal: one memory probe
     return parser.parse_args(argv)
 
@@ -211,7 +219,7 @@ def _file_size(model, tokenizer) -> int:
         return directory_size(Path(scratch) / "model")
 
 
-def run_method(args: argparse.Namespace, method: str, sparsity: float, scratch: Path) -> tuple[dict, Any]:
+def run_method(args: argparse.Namespace, method: str, sparsity: float, scratch: Path) -> dict[str, Any]:
     config = PruneModelConfig(
         output=str(scratch / f"{method}-{sparsity}"), model=args.model, method=method, sparsity=sparsity,
         layers=args.layers, allocation=args.allocation, attention_unit=args.attention_unit,
@@ -234,10 +242,10 @@ def run_method(args: argparse.Namespace, method: str, sparsity: float, scratch: 
         "training": report["training"], "layers": report["layers"],
         "perplexity": _perplexities(result.model, result.tokenizer, args),
     }
-    return row, result.model
+    return row
 
 
-def dense_rows(args: argparse.Namespace, windows: list[dict]) -> tuple[list[dict], dict[str, Any]]:
+def dense_rows(args: argparse.Namespace, windows: list[dict]) -> list[dict]:
     model, tokenizer = load_model(args.model)
     dense = {"method": "dense", "sparsity": 0.0, "params": count_parameters(model), "sparsity_decoder": 0.0,
              "sparsity_total": 0.0, "file_size_bytes": _file_size(model, tokenizer),
@@ -252,7 +260,7 @@ def dense_rows(args: argparse.Namespace, windows: list[dict]) -> tuple[list[dict
              "sparsity_decoder": 0.0, "sparsity_total": 0.0, "file_size_bytes": dense["file_size_bytes"],
              "train_seconds": run.seconds, "run_seconds": time.perf_counter() - started, "training": run.summary,
              "perplexity": _perplexities(merged, tokenizer, args)}
-    return [dense, tuned], {"dense": model, "tokenizer": tokenizer}
+    return [dense, tuned]
 
 
 # --------------------------------------------------------------------------------------- report
@@ -315,7 +323,10 @@ def markdown(results: dict[str, Any]) -> str:
                  f"{lat:.3f}" if lat else "-", f"{flops:.3f}" if flops else "-",
                  f"{lat / flops:.3f}" if lat and flops else "-"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Plain LoRA step (reference for memory): {memory['lora-step']['peak_mib']:.0f} MiB peak above the "
+    lines += ["", "Latency: forward pass of batch "
+              f"{settings['latency_batch']} x {settings['seq_len']} tokens, median of {settings['latency_repeats']} "
+              "interleaved repeats, on models rebuilt at each run's layer widths (latency depends on the widths only).",
+              "", f"Plain LoRA step (reference for memory): {memory['lora-step']['peak_mib']:.0f} MiB peak above the "
               f"loaded model ({memory['lora-step']['kind']}); batch {settings['batch_size']} x {settings['seq_len']}.",
               "", "Step time, interleaved in one process (median of "
               f"{results['step_time']['repeats']}): LoRAPrune step (scoring every step) "
@@ -355,6 +366,14 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def shaped_model(dense: torch.nn.Module, layers: list[dict[str, int]]) -> torch.nn.Module:
+    """A randomly initialised model with the per-layer widths of a pruned run (for latency only)."""
+    sizes = [LayerSizes(row["heads"], row["kv_heads"], row["channels"]) for row in layers]
+    config, _ = get_adapter(dense).config_for_sizes(dense, sizes)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=dense.dtype).eval()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.probe_memory:
@@ -363,34 +382,45 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/model_pruning.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("probe_memory",)}
+    json_path = output_dir / f"{args.name}.json"
+    settings = {k: v for k, v in vars(args).items() if k not in ("probe_memory", "resume")}
     results: dict[str, Any] = {"command": command, "settings": settings, "environment": environment(),
                                "torch_threads": torch.get_num_threads()}
+    if args.resume and json_path.exists():
+        previous = json.loads(json_path.read_text())
+        if previous["settings"] != settings:
+            raise SystemExit(f"{json_path} was run with other settings; drop --resume to start over")
+        results = {**previous, "resumed": {"command": command, "torch_threads": torch.get_num_threads(),
+                                           "environment": environment()}}
 
     def save() -> None:
-        write_json(output_dir / f"{args.name}.json", results)
+        write_json(json_path, results)
 
-    memory_methods = ["lora-step", *[m for m in args.methods if m in ("loraprune", "taylor", "wanda-sp")]]
-    results["scoring_memory"] = {m: scoring_memory(args, m) for m in memory_methods}
-    results["scoring_memory"].update({m: {"peak_mib": 0.0, "kind": "no data pass"}
-                                      for m in args.methods if m in ("magnitude", "random")})
-    save()
+    if "scoring_memory" not in results:
+        memory_methods = ["lora-step", *[m for m in args.methods if m in ("loraprune", "taylor", "wanda-sp")]]
+        results["scoring_memory"] = {m: scoring_memory(args, m) for m in memory_methods}
+        results["scoring_memory"].update({m: {"peak_mib": 0.0, "kind": "no data pass"}
+                                          for m in args.methods if m in ("magnitude", "random")})
+        save()
     _, tokenizer = load_model(args.model)
     windows = training_windows(tokenizer, args.train_data, args.seq_len)
-    results["step_time"] = step_times(args, windows)
-    save()
-    rows, dense = dense_rows(args, windows)
-    results["rows"] = rows
-    save()
-    pruned = {}
+    if "step_time" not in results:
+        results["step_time"] = step_times(args, windows)
+        save()
+    if "rows" not in results:
+        results["rows"] = dense_rows(args, windows)
+        save()
+    done = {(row["method"], row["sparsity"]) for row in results["rows"]}
     with tempfile.TemporaryDirectory(prefix="loraprune-bench-") as scratch:
         for sparsity in args.sparsities:
             for method in args.methods:
-                row, model = run_method(args, method, sparsity, Path(scratch))
-                results["rows"].append(row)
-                pruned[f"{method}-{sparsity:g}"] = model
-                save()
-    latency = measure_latency({"dense": dense["dense"], **pruned}, batch_size=args.latency_batch,
+                if (method, sparsity) not in done:
+                    results["rows"].append(run_method(args, method, sparsity, Path(scratch)))
+                    save()
+    dense, _ = load_model(args.model)
+    shaped = {f"{row['method']}-{row['sparsity']:g}": shaped_model(dense, row["layers"])
+              for row in results["rows"] if "layers" in row}
+    latency = measure_latency({"dense": dense, **shaped}, batch_size=args.latency_batch,
                               seq_len=args.seq_len, repeats=args.latency_repeats, gen_tokens=0, seed=args.seed)
     results["latency"] = latency.to_dict()
     results["goals"] = goals(results)
