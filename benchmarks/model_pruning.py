@@ -102,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default="model_pruning", help="results are written to NAME.json and NAME.md")
     parser.add_argument("--resume", action="store_true",
                         help="keep the finished runs of NAME.json (same settings) and run only the missing ones")
+    parser.add_argument("--only", nargs="+", default=None, metavar="METHOD-SPARSITY",
+                        help="run only these runs, in this order (e.g. loraprune-0.5 taylor-0.5); with --resume, "
+                        "to finish the most informative runs first")
     parser.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)  # internal: one memory probe
     return parser.parse_args(argv)
 
@@ -383,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path = output_dir / f"{args.name}.json"
-    settings = {k: v for k, v in vars(args).items() if k not in ("probe_memory", "resume")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("probe_memory", "resume", "only")}
     results: dict[str, Any] = {"command": command, "settings": settings, "environment": environment(),
                                "torch_threads": torch.get_num_threads()}
     if args.resume and json_path.exists():
@@ -410,13 +413,16 @@ def main(argv: list[str] | None = None) -> int:
     if "rows" not in results:
         results["rows"] = dense_rows(args, windows)
         save()
-    done = {(row["method"], row["sparsity"]) for row in results["rows"]}
+    done = {f"{row['method']}-{row['sparsity']:g}" for row in results["rows"]}
+    planned = {f"{method}-{sparsity:g}": (method, sparsity) for sparsity in args.sparsities for method in args.methods}
+    unknown = set(args.only or ()) - set(planned)
+    if unknown:
+        raise SystemExit(f"--only names runs that are not planned: {sorted(unknown)}; planned: {sorted(planned)}")
     with tempfile.TemporaryDirectory(prefix="loraprune-bench-") as scratch:
-        for sparsity in args.sparsities:
-            for method in args.methods:
-                if (method, sparsity) not in done:
-                    results["rows"].append(run_method(args, method, sparsity, Path(scratch)))
-                    save()
+        for name in args.only or planned:
+            if name not in done:
+                results["rows"].append(run_method(args, *planned[name], Path(scratch)))
+                save()
     dense, _ = load_model(args.model)
     shaped = {f"{row['method']}-{row['sparsity']:g}": shaped_model(dense, row["layers"])
               for row in results["rows"] if "layers" in row}
