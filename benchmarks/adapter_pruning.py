@@ -47,10 +47,10 @@ from loraprune.io import write_json
 from loraprune.models import DEFAULT_MODEL, load_model
 from loraprune.rank_pruning.api import load_sft_dataset, save_adapter, train_adapter
 from loraprune.rank_pruning.config import RankPruningConfig
+from loraprune.run_report.plots import draw_rank_heatmap, new_figure, save_figure
 from loraprune.training import TrainingConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def data_root() -> Path:
@@ -213,41 +213,22 @@ def goals(results: dict[str, Any], rank: int) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------- reports
 
 
-def rank_grid(ranks: dict[str, int]) -> tuple[list[int], list[list[int]]]:
-    """Final ranks as a (layer x module) grid, layers in order, modules in MODULE_ORDER."""
-    grid: dict[int, dict[str, int]] = {}
-    for name, rank in ranks.items():
-        parts = name.split(".")
-        layer = int(next(p for p in parts if p.isdigit()))
-        grid.setdefault(layer, {})[parts[-1]] = rank
-    layers = sorted(grid)
-    return layers, [[grid[layer].get(module, 0) for module in MODULE_ORDER] for layer in layers]
-
-
 def plot_heatmaps(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     adaptive = [(n, r) for n, r in results["runs"].items() if r["method"] in ("prunedlora", "adalora")]
     if not adaptive:
         return
-    fig, axes = plt.subplots(1, len(adaptive), figsize=(2.6 * len(adaptive) + 1, 7), squeeze=False)
+    figure = new_figure(2.6 * len(adaptive) + 1, 7)
+    axes = figure.subplots(1, len(adaptive), squeeze=False)[0]
     vmax = max(max(r["final_ranks"].values()) for _, r in adaptive)
     image = None
-    for axis, (name, run) in zip(axes[0], adaptive):
-        layers, grid = rank_grid(run["final_ranks"])
-        image = axis.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+    for axis, (name, run) in zip(axes, adaptive):
+        image = draw_rank_heatmap(axis, run["final_ranks"], vmax=vmax)
         axis.set_title(name, fontsize=8)
-        axis.set_xticks(range(len(MODULE_ORDER)), [m.split("_")[0] for m in MODULE_ORDER], fontsize=7, rotation=90)
-        axis.set_yticks(range(0, len(layers), 2), [str(layers[i]) for i in range(0, len(layers), 2)], fontsize=6)
-        axis.set_xlabel("module")
-    axes[0][0].set_ylabel("layer")
-    fig.colorbar(image, ax=axes[0].tolist(), label="final rank", shrink=0.8)
-    fig.suptitle(f"Final rank per module (layer x projection), target mean rank {results['settings']['rank']}")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    for axis in axes[1:]:
+        axis.set_ylabel("")
+    figure.colorbar(image, ax=axes.tolist(), label="final rank", shrink=0.8)
+    figure.suptitle(f"Final rank per module (layer x projection), target mean rank {results['settings']['rank']}")
+    save_figure(figure, path)
 
 
 def markdown(results: dict[str, Any]) -> str:

@@ -29,15 +29,14 @@ from loraprune.model_pruning.run import (
     training_windows,
 )
 from loraprune.models import load_model
-from loraprune.report import directory_size, pruning_report, size_summary
+from loraprune.report import directory_size, layer_table, pruning_report, size_summary
+from loraprune.run_report import REPORT_FILE, write_run_report
 from loraprune.selection import parse_layers, plan_budget, select
 from loraprune.shrink import shrink_model
 from loraprune.structure import full_masks, get_adapter
 from loraprune.structure.groups import masks_to_lists
 
 logger = logging.getLogger(__name__)
-
-REPORT_FILE = "loraprune_report.json"
 
 
 @dataclass
@@ -70,7 +69,7 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
     fine-tune a LoRA adapter for `config.steps` steps (0: no recovery). The adapter is merged
     into the shrunk weights. Checks every input before the long work starts (output
     directory, data files, budget) and writes the output atomically, with
-    `loraprune_report.json` beside the weights.
+    `loraprune_report.json` and its rendering (`report.md`, `report.html`, plots) beside the weights.
     """
     output = check_output_dir(config.output, config.overwrite)
     if config.eval_data:
@@ -86,7 +85,10 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
     one_shot = config.method != "loraprune"
     windows = training_windows(tokenizer, config.calibration_data, config.seq_len) if config.steps else None
     lora = LoraSettings(steps=config.steps, rank=config.lora_rank, alpha=config.lora_alpha,
-                        learning_rate=config.learning_rate, batch_size=config.batch_size, seed=config.seed)
+                        learning_rate=config.learning_rate, batch_size=config.batch_size, seed=config.seed,
+                        report_to=config.report_to, logging_dir=config.logging_dir)
+    if config.steps:
+        lora.training_config()  # validates the training options before the long work
     criterion = get_criterion(config.method, **({"seed": config.seed} if config.method == "random" else {})) \
         if one_shot else None
     batches = None
@@ -95,6 +97,7 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
             tokenizer, config.calibration_data, config.calibration_samples, config.seq_len, config.seed
         )
     before = size_summary(model)
+    layers_before = layer_table(model)
     perplexity_before = _perplexity(model, tokenizer, config, "before")
 
     started = time.perf_counter()
@@ -122,6 +125,8 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
         extra_dirs[ADAPTER_DIR] = adapter_staging.name
     report = pruning_report(
         before, model,
+        command="prune-model",
+        layers_before=layers_before,
         method=config.method,
         sparsity_definition="fraction of decoder-layer attention+MLP parameters removed",
         prunable_layers=prunable,
@@ -136,9 +141,13 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
         loraprune_settings=None if one_shot else dataclasses.asdict(loraprune_config or LoRAPruneConfig()),
         torch_threads=torch.get_num_threads(),
     )
-    save_pruned_model(model, tokenizer, output, overwrite=config.overwrite, extra_json={REPORT_FILE: report},
-                      extra_dirs=extra_dirs)
+
+    def write_reports(staging: Path) -> None:
+        report["file_size_bytes"] = directory_size(staging)
+        write_json(staging / REPORT_FILE, report)
+        write_run_report(staging)
+
+    save_pruned_model(model, tokenizer, output, overwrite=config.overwrite, extra_dirs=extra_dirs,
+                      finalize=write_reports)
     adapter_staging.cleanup()
-    report["file_size_bytes"] = directory_size(output)
-    write_json(output / REPORT_FILE, report)
     return PruneResult(model=model, tokenizer=tokenizer, output=output, report=report)

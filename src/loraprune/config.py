@@ -135,6 +135,13 @@ class PruneModelConfig:
         "base model and the adapter separately, in OUTPUT/adapter)"
     )
     seed: int = option(0, help="seed for calibration sampling, random scores and training")
+    report_to: str = option(
+        "none", help="where the LoRA training's metrics go (transformers' report_to): 'none', or trackers such as "
+        "'tensorboard', 'wandb', 'mlflow' (comma-separated, installed separately)"
+    )
+    logging_dir: str | None = option(
+        None, help="directory for the trackers' local files (tensorboard event files under LOGGING_DIR/runs/)"
+    )
     overwrite: bool = option(False, help="replace OUTPUT if it exists (the old one stays until the new one is done)")
 
     def __post_init__(self) -> None:

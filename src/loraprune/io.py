@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -84,11 +84,14 @@ def save_pruned_model(
     overwrite: bool = False,
     extra_json: dict[str, Any] | None = None,
     extra_dirs: dict[str, str | os.PathLike] | None = None,
+    finalize: Callable[[Path], None] | None = None,
 ) -> bool:
     """Save a (shrunk) model with its tokenizer; returns True if the config is the stock one.
 
     `extra_json` maps file names to JSON payloads written beside the model (reports);
-    `extra_dirs` maps sub-directory names to directories copied in (a separate LoRA adapter).
+    `extra_dirs` maps sub-directory names to directories copied in (a separate LoRA adapter);
+    `finalize(staging)` runs last, on the complete staging directory (files derived from the
+    saved model, such as its report), so that it too is written atomically with the model.
     A PEFT model must be merged (or unloaded) first: its adapter is saved separately.
     """
     if hasattr(model, "peft_config"):
@@ -113,4 +116,6 @@ def save_pruned_model(
             write_json(staging / name, payload)
         for name, source in (extra_dirs or {}).items():
             shutil.copytree(source, staging / name)
+        if finalize is not None:
+            finalize(staging)
     return stock

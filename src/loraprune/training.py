@@ -36,7 +36,14 @@ class TrainingConfig:
     max_grad_norm: float = option(1.0, help="gradient clipping norm (0 disables clipping)")
     bf16: bool = option(False, help="train in bfloat16 autocast (GPU)")
     fp16: bool = option(False, help="train in float16 autocast with a loss scaler (GPU)")
-    report_to: str = option("none", help="experiment tracker for transformers.Trainer ('none' logs nowhere)")
+    report_to: str = option(
+        "none", help="where transformers.Trainer sends the training metrics: 'none', or trackers such as "
+        "'tensorboard', 'wandb', 'mlflow' (comma-separated, installed separately)"
+    )
+    logging_dir: str | None = option(
+        None, help="directory for the trackers' local files (tensorboard writes its event files under "
+        "LOGGING_DIR/runs/); needed with --report-to tensorboard"
+    )
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
@@ -47,6 +54,8 @@ class TrainingConfig:
         check(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0")
         check(self.logging_steps >= 1, "logging_steps must be >= 1")
         check(not (self.bf16 and self.fp16), "choose at most one of --bf16 and --fp16")
+        check("tensorboard" not in self.report_to or self.logging_dir is not None,
+              "--report-to tensorboard needs --logging-dir DIR (the event files would go to a temporary directory)")
 
 
 def training_arguments(config: TrainingConfig, output_dir: str) -> TrainingArguments:
@@ -66,7 +75,7 @@ def training_arguments(config: TrainingConfig, output_dir: str) -> TrainingArgum
         logging_steps=config.logging_steps,
         bf16=config.bf16,
         fp16=config.fp16,
-        report_to=config.report_to,
+        report_to=[name.strip() for name in config.report_to.split(",")],
         save_strategy="no",
         push_to_hub=False,
         use_cpu=not torch.cuda.is_available(),
@@ -89,13 +98,14 @@ def train(
     """Fine-tune the trainable parameters of `model` in place and return the Trainer's log history.
 
     `train_dataset` is anything with `__len__` and `__getitem__` (a list of tokenised examples
-    works); the data is cycled when `steps` needs more than one epoch. Nothing is written to
-    `output_dir` (a temporary directory when omitted) since checkpointing is off.
+    works); the data is cycled when `steps` needs more than one epoch. Checkpointing is off, so
+    only the trackers of `config.report_to` write files, to `output_dir`, else `config.logging_dir`,
+    else a temporary directory.
     """
     with tempfile.TemporaryDirectory(prefix="loraprune-train-") as scratch:
         trainer = Trainer(
             model=model,
-            args=training_arguments(config, output_dir or scratch),
+            args=training_arguments(config, output_dir or config.logging_dir or scratch),
             data_collator=data_collator,
             train_dataset=train_dataset,
             callbacks=list(callbacks),

@@ -16,7 +16,8 @@ import sys
 from loraprune.errors import LoraPruneError
 
 # Module names under loraprune.cli, in the order `--help` lists them.
-COMMAND_MODULES = ("inspect_cmd", "eval_cmd", "prune_model_cmd", "prune_nm_cmd", "prune_adapter_cmd", "sweep_cmd")
+COMMAND_MODULES = ("inspect_cmd", "eval_cmd", "prune_model_cmd", "prune_nm_cmd", "prune_adapter_cmd", "report_cmd",
+                   "sweep_cmd")
 
 DESCRIPTION = """\
 Make LLMs and their LoRA adapters smaller with structured pruning guided by LoRA.
@@ -26,6 +27,7 @@ Make LLMs and their LoRA adapters smaller with structured pruning guided by LoRA
   loraprune prune-model   remove heads and MLP channels from the base model (LoRAPrune and baselines)
   loraprune prune-nm      N:M semi-structured sparsity (2:4, 4:8): LoRAPrune N:M, Wanda, SparseGPT
   loraprune prune-adapter train an over-parameterised LoRA and prune its rank (PrunedLoRA)
+  loraprune report        redraw the report (report.md, report.html, plots) of a pruning run
   loraprune sweep         a grid of prune-model / prune-adapter jobs from a YAML spec (resumable)
 
 Every command takes --model: a local Hugging Face directory, a hub id, or the embedded

@@ -9,6 +9,7 @@ model given the same fine-tuning.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from loraprune.lora import DEFAULT_TARGET_MODULES, add_lora
 from loraprune.model_pruning.callback import LoRAPruneCallback
 from loraprune.model_pruning.config import LoRAPruneConfig
 from loraprune.model_pruning.pruner import ModelPruner, PruningTarget
+from loraprune.run_report.record import loss_history
 from loraprune.structure import Masks
 from loraprune.training import TrainingConfig, train
 
@@ -44,10 +46,13 @@ class LoraSettings:
     batch_size: int = 4
     seed: int = 0
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    report_to: str = "none"
+    logging_dir: str | None = None
 
     def training_config(self) -> TrainingConfig:
         return TrainingConfig(steps=self.steps, learning_rate=self.learning_rate, batch_size=self.batch_size,
-                              seed=self.seed, logging_steps=max(1, self.steps // 10))
+                              seed=self.seed, logging_steps=max(1, self.steps // 10), report_to=self.report_to,
+                              logging_dir=self.logging_dir)
 
 
 @dataclass
@@ -80,12 +85,12 @@ def train_lora(model: PreTrainedModel, windows: list[dict[str, torch.Tensor]], s
     history = train(peft_model, windows, default_data_collator, settings.training_config(), callbacks=callbacks)
     seconds = time.perf_counter() - started
     peft_model.eval()
-    losses = [entry["loss"] for entry in history if "loss" in entry]
+    losses = loss_history(history)
     summary = {
         "steps": settings.steps, "rank": settings.rank, "alpha": settings.alpha or settings.rank,
         "learning_rate": settings.learning_rate, "batch_size": settings.batch_size, "seed": settings.seed,
-        "train_seconds": seconds, "first_logged_loss": losses[0] if losses else None,
-        "last_logged_loss": losses[-1] if losses else None,
+        "train_seconds": seconds, "first_logged_loss": losses[0]["loss"] if losses else None,
+        "last_logged_loss": losses[-1]["loss"] if losses else None, "loss_history": losses,
     }
     return LoraRun(peft_model, history, seconds, summary=summary)
 
@@ -104,7 +109,7 @@ def loraprune(model: PreTrainedModel, windows: list[dict[str, torch.Tensor]], se
     run.pruner = pruner
     run.summary["loraprune"] = {
         "events": pruner.history, "observations": pruner.observations, "skipped_steps": pruner.skipped_steps,
-        "reached_target": pruner.finished,
+        "reached_target": pruner.finished, "schedule": dataclasses.asdict(pruner.schedule),
     }
     return run, masks
 

@@ -13,8 +13,10 @@ All use the scaling `alpha / r0` of PrunedLoRA's config (LoRA at rank `r` gets
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,9 @@ from loraprune.rank_pruning.config import RankPruningConfig
 from loraprune.rank_pruning.export import ADAPTER_WEIGHTS, RANKS_FILE, ExportedAdapter, export_pruned_adapter
 from loraprune.rank_pruning.pruner import RankPruner
 from loraprune.rank_pruning.state import find_lora_modules
+from loraprune.report import count_parameters, environment
+from loraprune.run_report import REPORT_FILE, write_run_report
+from loraprune.run_report.record import loss_history
 from loraprune.training import TrainingConfig, train
 
 logger = logging.getLogger(__name__)
@@ -118,25 +123,74 @@ def train_adapter(model: PreTrainedModel, train_dataset: Any, data_collator: Any
     return AdapterRun(method, adapter, history, seconds, ranks, pruner, events)
 
 
+def saved_adapter_size(directory: str | Path) -> tuple[int, int]:
+    """Parameters and bytes of the adapter weights saved in `directory`."""
+    path = Path(directory) / ADAPTER_WEIGHTS
+    with safe_open(path, "pt") as weights:
+        parameters = sum(torch.Size(weights.get_slice(k).get_shape()).numel() for k in weights.keys())  # noqa: SIM118
+    return parameters, path.stat().st_size
+
+
 def save_adapter(run: AdapterRun, output_dir: str | Path, base_model_name_or_path: str | None = None,
-                 overwrite: bool = False) -> ExportedAdapter:
-    """Save the run's adapter in standard PEFT format, physically at its final ranks."""
+                 overwrite: bool = False, finalize: Callable[[Path], None] | None = None) -> ExportedAdapter:
+    """Save the run's adapter in standard PEFT format, physically at its final ranks.
+
+    `finalize(staging)` runs last inside the atomic write (files derived from the adapter).
+    """
     if run.method != "adalora":
         active = (run.pruner.active_components() if run.pruner is not None else
                   {name: torch.ones(rank, dtype=torch.bool) for name, rank in run.ranks.items()})
-        return export_pruned_adapter(run.model, active, output_dir, base_model_name_or_path, overwrite=overwrite)
+        return export_pruned_adapter(run.model, active, output_dir, base_model_name_or_path, overwrite=overwrite,
+                                     finalize=finalize)
     if base_model_name_or_path is not None:
         run.model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
         run.model.save_pretrained(str(staging))  # PEFT shrinks AdaLoRA by its rank_pattern
         write_json(staging / RANKS_FILE, {"ranks": run.ranks,
                                           "dropped_modules": [n for n, r in run.ranks.items() if r == 0]})
+        if finalize is not None:
+            finalize(staging)
     path = Path(output_dir)
-    with safe_open(path / ADAPTER_WEIGHTS, "pt") as weights:
-        parameters = sum(torch.Size(weights.get_slice(k).get_shape()).numel() for k in weights.keys())  # noqa: SIM118
     return ExportedAdapter(path, {n: r for n, r in run.ranks.items() if r > 0},
-                           [n for n, r in run.ranks.items() if r == 0], parameters,
-                           (path / ADAPTER_WEIGHTS).stat().st_size)
+                           [n for n, r in run.ranks.items() if r == 0], *saved_adapter_size(path))
+
+
+def trained_rank(method: str, pruning: RankPruningConfig) -> int:
+    """The rank every module of `method`'s adapter is created with."""
+    return pruning.rank if method == "lora" else pruning.r0
+
+
+def adapter_report(run: AdapterRun, run_config: AdapterRunConfig, pruning: RankPruningConfig,
+                   training: TrainingConfig, base_parameters: int) -> dict[str, Any]:
+    """The run record of `prune-adapter` (sizes of the saved adapter are added once it is written)."""
+    modules = len(run.ranks)
+    start = trained_rank(run.method, pruning)
+    planned = None
+    if run.pruner is not None:
+        schedule = run.pruner.schedule
+        planned = [[step, modules * (start - removed) if schedule.per_module else modules * start - removed]
+                   for step, removed in zip(schedule.events, schedule.removed)]
+    return {
+        "command": "prune-adapter",
+        "method": run.method,
+        "settings": {"run": dataclasses.asdict(run_config), "pruning": dataclasses.asdict(pruning),
+                     "training": dataclasses.asdict(training)},
+        "base_model_params": base_parameters,
+        "modules": modules,
+        "trained_rank": start,
+        "target_total_rank": modules * (start if run.method in ("lora", "lora-r0") else pruning.rank),
+        "total_rank_before": modules * start,
+        "total_rank_after": sum(run.ranks.values()),
+        "final_ranks": dict(run.ranks),
+        "adapter_params_before": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
+        "training": {"steps": training.steps, "train_seconds": run.train_seconds,
+                     "loss_history": loss_history(run.log_history)},
+        "pruning_events": run.pruning_events,
+        "planned_total_rank": planned,
+        "perplexity_before": None,
+        "perplexity_after": None,
+        "environment": environment(),
+    }
 
 
 def load_sft_dataset(data: str, tokenizer: Any, limit: int | None = None,
@@ -148,12 +202,25 @@ def load_sft_dataset(data: str, tokenizer: Any, limit: int | None = None,
 
 def prune_adapter(run_config: AdapterRunConfig, pruning: RankPruningConfig,
                   training: TrainingConfig) -> tuple[AdapterRun, ExportedAdapter]:
-    """Load the model and data, fine-tune with `run_config.method`, save the adapter; the whole job."""
+    """Load the model and data, fine-tune with `run_config.method`, save the adapter; the whole job.
+
+    The adapter directory also holds `loraprune_report.json` and its rendering (`report.md`,
+    `report.html`, plots), written atomically with the adapter.
+    """
     check(run_config.output is not None, "an output directory is needed (--output DIR)")
     check_output_dir(run_config.output, run_config.overwrite)  # fail before the long training
     model, tokenizer = load_model(run_config.model, dtype=run_config.dtype)
+    base_parameters = count_parameters(model)
     dataset, collator = load_sft_dataset(run_config.data, tokenizer, run_config.train_limit,
                                          run_config.max_answer_tokens)
     run = train_adapter(model, dataset, collator, run_config.method, pruning, training)
-    exported = save_adapter(run, run_config.output, model.name_or_path, overwrite=run_config.overwrite)
+    report = adapter_report(run, run_config, pruning, training, base_parameters)
+
+    def write_reports(staging: Path) -> None:
+        report["adapter_params_after"], report["file_size_bytes"] = saved_adapter_size(staging)
+        write_json(staging / REPORT_FILE, report)
+        write_run_report(staging)
+
+    exported = save_adapter(run, run_config.output, model.name_or_path, overwrite=run_config.overwrite,
+                            finalize=write_reports)
     return run, exported

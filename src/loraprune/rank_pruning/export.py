@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,13 +48,15 @@ def export_pruned_adapter(
     base_model_name_or_path: str | None = None,
     adapter: str = "default",
     overwrite: bool = False,
+    finalize: Callable[[Path], None] | None = None,
 ) -> ExportedAdapter:
     """Write the adapter `adapter` of `model`, shrunk to the `active` components of each module.
 
     `active` maps module paths (as `RankPruner.active_components()` gives them) to boolean
     masks over the trained rank. `base_model_name_or_path` is written into
     `adapter_config.json` (default: the one the adapter was created with); it should be a
-    path or hub id that loads as it stands. The directory is written atomically.
+    path or hub id that loads as it stands. The directory is written atomically; `finalize(staging)`
+    runs last inside it (files derived from the adapter, such as its report).
     """
     config = model.peft_config[adapter]
     if getattr(config, "use_rslora", False) or getattr(config, "use_dora", False):
@@ -101,6 +103,8 @@ def export_pruned_adapter(
         write_json(staging / RANKS_FILE, {"ranks": ranks, "dropped_modules": dropped,
                                           "trained_rank": {m.name: m.layer.r[adapter]
                                                            for m in find_lora_modules(model, adapter)}})
+        if finalize is not None:
+            finalize(staging)
     path = Path(output_dir)
     return ExportedAdapter(
         path=path,
