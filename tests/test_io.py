@@ -146,3 +146,19 @@ def test_failed_overwrite_keeps_the_previous_output(tmp_path):
         (staging / "new.txt").write_text("new")
         raise RuntimeError("failed")
     assert (out / "old.txt").read_text() == "old" and not (out / "new.txt").exists()
+
+
+def test_outputs_get_the_permissions_of_the_umask_not_of_temp_files(tmp_path):
+    import os
+
+    from loraprune.io import write_json
+
+    previous = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out") as staging:
+            write_json(staging / "report.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755  # mkdtemp alone would give 0700
+    assert (tmp_path / "out" / "report.json").stat().st_mode & 0o777 == 0o644  # mkstemp alone: 0600
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == {"a": 1}

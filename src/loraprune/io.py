@@ -39,6 +39,13 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
+def _umask_mode(directory: bool) -> int:
+    """Permissions a plain `open`/`mkdir` would give under the process umask (temp files get 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextmanager
 def atomic_directory(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces `output_dir` only if the block succeeds.
@@ -48,6 +55,7 @@ def atomic_directory(output_dir: str | os.PathLike, overwrite: bool = False) -> 
     target = check_output_dir(output_dir, overwrite).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    os.chmod(staging, _umask_mode(directory=True))
     try:
         yield staging
     except BaseException:
@@ -66,6 +74,7 @@ def write_json(path: str | os.PathLike, payload: Any) -> None:
     """Write JSON atomically (temp file in the same directory, then rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.chmod(tmp, _umask_mode(directory=False))
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(payload, handle, indent=2, sort_keys=False)
