@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import loraprune  # noqa: F401  (registers the per-layer-width classes)
-from loraprune.io import OutputExistsError, atomic_directory, save_pruned_model
+from loraprune.io import OutputExistsError, atomic_directory, save_pruned_model, write_json
 from loraprune.shrink import shrink_model
 from loraprune.structure import full_masks, get_adapter
 from tiny_models import tiny_model, token_batch
@@ -149,10 +150,6 @@ def test_failed_overwrite_keeps_the_previous_output(tmp_path):
 
 
 def test_outputs_get_the_permissions_of_the_umask_not_of_temp_files(tmp_path):
-    import os
-
-    from loraprune.io import write_json
-
     previous = os.umask(0o022)
     try:
         with atomic_directory(tmp_path / "out") as staging:
