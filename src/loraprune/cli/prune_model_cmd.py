@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from loraprune.config import PruneModelConfig, add_dataclass_arguments, dataclass_from_args
 from loraprune.model_pruning.config import LoRAPruneConfig
@@ -74,6 +75,6 @@ def run(args: argparse.Namespace) -> int:
         training = report["training"]
         print(f"LoRA training     {training['steps']} steps, rank {training['rank']}, "
               f"lr {training['learning_rate']:g}, {training['train_seconds']:.0f} s (merged into the saved weights)")
-    print(f"saved to          {result.output} ({report['file_size_bytes'] / 2**20:.1f} MiB of weights; "
-          "report in loraprune_report.json)")
+    print(f"saved to          {result.output} ({report['file_size_bytes'] / 2**20:.1f} MiB of weights)")
+    print(f"run report        {Path(result.output) / 'report.html'} (also report.md, loraprune_report.json)")
     return 0
