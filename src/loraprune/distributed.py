@@ -37,13 +37,21 @@ def is_distributed() -> bool:
 
 
 def is_main_process() -> bool:
-    """True on the process that writes outputs (global rank 0), and in a run without a process group."""
-    return PartialState().is_main_process
+    """True on the process that writes outputs (global rank 0), and in a run without a process group.
+
+    Before any process group exists (`torchrun` started us, but no `Trainer` has run yet) this
+    asks accelerate's `PartialState` with the device choice `loraprune.training` makes: a bare
+    `PartialState()` on a machine without CUDA would not see the CPU processes as one job.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
 
 
 def wait_for_everyone() -> None:
     """Barrier across all processes (no-op in a single process)."""
-    PartialState().wait_for_everyone()
+    if is_distributed():
+        dist.barrier()
 
 
 def unwrap_parallel(model: nn.Module) -> nn.Module:

@@ -12,9 +12,20 @@ in `on_pre_optimizer_step`, final and unscaled (clipping multiplies every gradie
 step by the same factor, which the per-matrix normalisation of the scores removes), and
 pruning runs in `on_optimizer_step`, when the optimizer state to zero exists.
 
+Distributed runs (`torchrun` / `accelerate launch`): under DDP the gradients of the last
+micro-batch are all-reduced during its backward pass (the others run under `no_sync`), so
+`on_pre_optimizer_step` sees the same averaged gradients on every rank, every rank computes the
+same scores, and the masks are broadcast from rank 0 at each pruning event. The callback gets
+the unwrapped model (`Trainer.model`), so module paths carry no `module.` prefix. Under FSDP2
+(`fsdp_config={"version": 2}`) the gradients are reduce-scattered shards; the scores are
+computed on the local shards and reduced (`loraprune.distributed`). `finish()` needs the
+unsharded model: load `loraprune.distributed.full_state_dict(model)` into a copy and shrink
+that with the pruner's `families` and `masks`.
+
 Checkpoints: `on_save` writes the pruner's state (`STATE_FILE`) into the Trainer's
 checkpoint folder; when a run resumes (`trainer.train(resume_from_checkpoint=...)`), the
-state is read back from `<output_dir>/checkpoint-<step>` or from `resume_from`.
+state is read back from `<output_dir>/checkpoint-<step>` or from `resume_from`. Only the
+main process writes it; every process reads it back.
 """
 
 from __future__ import annotations

@@ -5,6 +5,14 @@ AMP gradients), `on_pre_optimizer_step`, `optimizer.step()`, `on_optimizer_step`
 `zero_grad`. Gradients are therefore read in `on_pre_optimizer_step`: final, all-reduced and
 unscaled (but clipped when `max_grad_norm > 0`, a common factor for all modules of a step).
 Pruning runs in `on_optimizer_step`, so the optimizer state to zero already exists.
+
+Distributed runs (`torchrun` / `accelerate launch`): under DDP the gradients are all-reduced
+by the end of the last micro-batch's backward pass, so every rank accumulates the same
+curvature statistics and takes the same decisions; the masks and LoRA weights are broadcast
+from rank 0 after each event. Under FSDP2 the (small) LoRA matrices and gradients are gathered
+whole for the statistics and scores, and each rank writes the recovery update into its own
+shards. Export from the main process after loading `loraprune.distributed.full_state_dict(model)`
+into an unsharded copy: `export_pruned_adapter(copy, pruner.active_components(), ...)`.
 """
 
 from __future__ import annotations

@@ -161,8 +161,8 @@ class RankPruner:
         sides = self._sides()
         side_scores = [None if pair is None else
                        tuple(removal_scores(side, self.config.newton_step) for side in pair) for pair in sides]
-        scores = [torch.zeros(0) if pair is None else ranking_scores(pair, self.config.compensate)
-                  for pair in side_scores]
+        empty = torch.zeros(0, device=self.masks.active.device)  # modules at rank 0
+        scores = [empty if pair is None else ranking_scores(pair, self.config.compensate) for pair in side_scores]
         if self.schedule.per_module:
             counts = [max(0, target - (self.config.r0 - rank)) for rank in ranks]
         else:
