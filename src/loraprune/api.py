@@ -15,6 +15,7 @@ from torch import nn
 
 from loraprune.config import PruneModelConfig
 from loraprune.data import calibration_batches, load_text
+from loraprune.distributed import is_main_process, wait_for_everyone
 from loraprune.evaluation.perplexity import evaluate_perplexity
 from loraprune.importance import get_criterion
 from loraprune.io import check_output_dir, save_pruned_model, write_json
@@ -70,6 +71,8 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
     into the shrunk weights. Checks every input before the long work starts (output
     directory, data files, budget) and writes the output atomically, with
     `loraprune_report.json` and its rendering (`report.md`, `report.html`, plots) beside the weights.
+    Under `torchrun` / `accelerate launch` (DDP) every process trains and only the main one
+    writes; the others' report has no `file_size_bytes`.
     """
     output = check_output_dir(config.output, config.overwrite)
     if config.eval_data:
@@ -147,7 +150,9 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
         write_json(staging / REPORT_FILE, report)
         write_run_report(staging)
 
-    save_pruned_model(model, tokenizer, output, overwrite=config.overwrite, extra_dirs=extra_dirs,
-                      finalize=write_reports)
+    if is_main_process():  # under torchrun / accelerate launch every process gets here; one writes
+        save_pruned_model(model, tokenizer, output, overwrite=config.overwrite, extra_dirs=extra_dirs,
+                          finalize=write_reports)
+    wait_for_everyone()
     adapter_staging.cleanup()
     return PruneResult(model=model, tokenizer=tokenizer, output=output, report=report)

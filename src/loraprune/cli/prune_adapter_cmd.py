@@ -10,6 +10,7 @@ import argparse
 from collections import defaultdict
 
 from loraprune.config import add_dataclass_arguments, dataclass_from_args
+from loraprune.distributed import is_main_process
 from loraprune.rank_pruning.api import AdapterRunConfig, prune_adapter
 from loraprune.rank_pruning.config import RankPruningConfig
 from loraprune.training import TrainingConfig
@@ -46,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     pruning = dataclass_from_args(RankPruningConfig, args)
     training = dataclass_from_args(TrainingConfig, args)
     result, exported = prune_adapter(run_config, pruning, training)
+    if not is_main_process():  # torchrun / accelerate launch: the main process reports
+        return 0
     print(rank_table(result.ranks))
     total = sum(result.ranks.values())
     print(f"method {result.method}: {len(result.ranks)} modules, total rank {total} "

@@ -50,6 +50,7 @@ def _format_perplexity(result: dict | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from loraprune.api import prune_model
+    from loraprune.distributed import is_main_process
     from loraprune.model_pruning.run import METHODS
 
     config = dataclass_from_args(PruneModelConfig, args)
@@ -58,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
     result = prune_model(config, dataclass_from_args(LoRAPruneConfig, args))
+    if not is_main_process():  # torchrun / accelerate launch: the main process reports
+        return 0
     report = result.report
     layers = report["prunable_layers"]
     print(f"method            {report['method']} ({report['attention_unit']} attention units)")

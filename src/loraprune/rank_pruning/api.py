@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, TrainerCallback
 
 from loraprune.config import check, option
 from loraprune.data import SFTCollator, load_sft_records, tokenize_sft
+from loraprune.distributed import is_main_process, wait_for_everyone
 from loraprune.io import atomic_directory, check_output_dir, write_json
 from loraprune.lora import add_lora
 from loraprune.models import DEFAULT_MODEL, load_model
@@ -201,8 +202,11 @@ def load_sft_dataset(data: str, tokenizer: Any, limit: int | None = None,
 
 
 def prune_adapter(run_config: AdapterRunConfig, pruning: RankPruningConfig,
-                  training: TrainingConfig) -> tuple[AdapterRun, ExportedAdapter]:
+                  training: TrainingConfig) -> tuple[AdapterRun, ExportedAdapter | None]:
     """Load the model and data, fine-tune with `run_config.method`, save the adapter; the whole job.
+
+    Under `torchrun` / `accelerate launch` (DDP) every process trains and only the main one
+    writes; the others get None for the saved adapter.
 
     The adapter directory also holds `loraprune_report.json` and its rendering (`report.md`,
     `report.html`, plots), written atomically with the adapter.
@@ -221,6 +225,9 @@ def prune_adapter(run_config: AdapterRunConfig, pruning: RankPruningConfig,
         write_json(staging / REPORT_FILE, report)
         write_run_report(staging)
 
-    exported = save_adapter(run, run_config.output, model.name_or_path, overwrite=run_config.overwrite,
-                            finalize=write_reports)
+    exported = None
+    if is_main_process():  # under torchrun / accelerate launch every process gets here; one writes
+        exported = save_adapter(run, run_config.output, model.name_or_path, overwrite=run_config.overwrite,
+                                finalize=write_reports)
+    wait_for_everyone()
     return run, exported
