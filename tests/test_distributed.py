@@ -21,16 +21,21 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM
 
 from conftest import build_tiny_llama, build_tiny_tokenizer
 from distributed_scripts.worker import fsdp_run, lora_model
 from loraprune.cli import main
 from loraprune.io import save_pruned_model
+from loraprune.lora import add_lora
+from loraprune.model_pruning import ModelPruner, PruningTarget
 from loraprune.models import load_model
-from loraprune.rank_pruning import export_pruned_adapter
+from loraprune.rank_pruning import RankPruner, RankPruningConfig, export_pruned_adapter
 from loraprune.shrink import shrink_model
 from loraprune.structure import get_adapter
+from model_pruning_helpers import lora_model as tiny_lora_model
+from tiny_models import tiny_model
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -173,3 +178,18 @@ def test_fsdp_prunedlora_matches_one_process_and_the_gathered_adapter_exports(la
     with torch.no_grad():
         logits = loaded(input_ids=sharded["probe"]).logits
     torch.testing.assert_close(logits, sharded["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_pruners_unwrap_a_ddp_model(tmp_path):
+    """A custom loop may hand the DDP wrapper to the pruners: module paths stay the model's own."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        plain = tiny_lora_model()
+        wrapped = DistributedDataParallel(plain)
+        pruner = ModelPruner(wrapped, 4, PruningTarget(sparsity=0.3))
+        assert pruner.model is plain
+        ranks = RankPruner(DistributedDataParallel(add_lora(tiny_model(), r=8, alpha=8)),
+                           RankPruningConfig(r0=8, rank=2, alpha=8), 4).ranks()
+        assert len(ranks) == 2 * 7 and all(name.startswith("model.layers.") for name in ranks)
+    finally:
+        dist.destroy_process_group()
