@@ -148,6 +148,7 @@ def test_fsdp_loraprune_matches_one_process_and_the_gathered_model_shrinks(launc
     for key, value in single["lora"].items():
         torch.testing.assert_close(sharded["lora"][key], value, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(sharded["logits"], single["logits"], rtol=1e-4, atol=1e-5)
+    assert "sharded" in sharded["finish_error"] and "finish_error" not in single
 
     # export: the gathered state dict in an unsharded copy, shrunk, merged, saved, loaded
     copy = lora_model(str(work / "model"), "loraprune")

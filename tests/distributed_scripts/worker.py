@@ -23,6 +23,7 @@ from peft import PeftModel
 from torch import nn
 
 from loraprune.distributed import full_state_dict, full_tensor, is_distributed
+from loraprune.errors import LoraPruneError
 from loraprune.lora import add_lora
 from loraprune.model_pruning import LoRAPruneConfig, ModelPruner, PruningTarget
 from loraprune.models import load_model
@@ -88,6 +89,10 @@ def fsdp_run(model_dir: str, method: str, steps: int, global_batch: int, seq_len
     result = {"lora": lora, "logits": logits, "probe": probe, "state_dict": full_state_dict(model)}
     if method == "loraprune":
         result.update(masks=pruner.masks, scores=pruner.scores, history=pruner.history)
+        try:
+            pruner.finish()  # a sharded model cannot be shrunk in place
+        except LoraPruneError as error:
+            result["finish_error"] = str(error)
     else:
         result.update(active=pruner.active_components(), ranks=pruner.ranks())
     return result
