@@ -7,6 +7,11 @@ from dataclasses import dataclass
 from loraprune.config import check, option
 from loraprune.lora import DEFAULT_TARGET_MODULES
 
+#: how rank components are scored (`criteria.py`); `obs` is PrunedLoRA's own score
+CRITERIA = ("obs", "magnitude", "taylor", "wanda", "sparsegpt")
+#: the criteria that read the inputs of the LoRA modules (`activations.py`)
+ACTIVATION_CRITERIA = ("wanda", "sparsegpt")
+
 
 @dataclass
 class RankPruningConfig:
@@ -34,10 +39,20 @@ class RankPruningConfig:
     )
     warmup: float = option(0.1, help="fraction of the steps trained before the first pruning event")
     cooldown: float = option(0.1, help="fraction of the steps trained at the final rank after the last event")
+    criterion: str = option(
+        "obs",
+        help="score of a rank component j (row a_j of A, column b_j of B): obs = PrunedLoRA's loss-aware score "
+        "and recovery update; magnitude = |b_j|*|a_j|; taylor = sum |G*W| over a_j and b_j (LLM-Pruner, mean "
+        "LoRA gradients); wanda = |X a_j^T|*|b_j| (X: the module's inputs); sparsegpt = OBS on the columns of B "
+        "with the input curvature (A X^T X A^T), the remaining columns of B compensating. magnitude, taylor and "
+        "wanda only zero the removed components; compensate, newton_step and use_gradient apply to obs only",
+        choices=CRITERIA,
+    )
     curvature: str = option(
         "window",
         help="gradient Gram matrices for the curvature: window = mean since the last pruning event, "
-        "batch = the current batch only (the gradient term uses the same source)",
+        "batch = the current batch only (the gradient term, taylor's gradients and the input statistics of "
+        "wanda and sparsegpt use the same source)",
         choices=("window", "batch"),
     )
     damping: float = option(0.01, help="relative damping: lambda = damping * mean diagonal of each curvature")
@@ -55,19 +70,22 @@ class RankPruningConfig:
     removal: str = option(
         "block",
         help="block: remove the lowest-scoring components of a module at once with the block update; "
-        "sequential: remove them one at a time, downdating the inverse curvature and rescoring in between",
+        "sequential: remove them one at a time, downdating the inverse curvature and rescoring in between "
+        "(obs and sparsegpt; the other criteria zero the lowest scores, which removal does not change)",
         choices=("block", "sequential"),
     )
     normalization: str = option(
         "none",
         help="global schedule: scale each module's scores before ranking across modules (none: the scores "
-        "are estimated loss changes, already comparable; l2: divide by the module's score norm)",
+        "are compared as they are: for obs estimated loss changes, already comparable; l2: divide by the "
+        "module's score norm)",
         choices=("none", "l2"),
     )
     min_rank: int = option(0, help="global schedule: no module goes below this rank (0 lets a module vanish)")
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
+        check(self.criterion in CRITERIA, f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
         check(self.r0 >= 1, f"r0 must be >= 1, got {self.r0}")
         check(1 <= self.rank < self.r0, f"the final rank must be in [1, r0={self.r0}), got {self.rank}")
         check(self.alpha is None or self.alpha > 0, f"alpha must be > 0, got {self.alpha}")

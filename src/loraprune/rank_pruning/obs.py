@@ -215,8 +215,8 @@ class ModuleRemoval:
     positions: Tensor  # removed positions among the active components
     weight_b: Tensor  # (out, k): B's active columns, removed ones zero
     weight_a: Tensor  # (in, k): Aᵀ's active columns, removed ones zero
-    loss_change: Tensor  # predicted by the quadratic model of the compensating factor(s)
-    compensated: str  # "b", "a" or "both"
+    loss_change: Tensor | None  # predicted by the quadratic model of the compensating factor(s); None: no model
+    compensated: str  # "b", "a" or "both"; "none" for a removal that only zeroes (criteria.py)
 
 
 def remove_components(sides: tuple[Side, Side], side_scores: tuple[Tensor, Tensor], count: int, compensate: str,

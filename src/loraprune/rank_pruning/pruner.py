@@ -12,7 +12,8 @@
 
 `RankPruningCallback` calls the same two methods from `transformers.Trainer`.
 
-At an event every module's active components are scored (design §1.2, `obs.py`): the
+At an event every module's active components are scored by `config.criterion` (`criteria.py`);
+the default, PrunedLoRA's own score (design §1.2, `obs.py`), works as follows. The
 curvatures `H_B`, `H_A` are the mean gradient Gram matrices since the last event (or the
 current batch), damped, inverted in one batched Cholesky per rank. The gradient term uses
 the mean gradient over the same window. The chosen components are removed with the OBS
@@ -21,8 +22,12 @@ cheaper one per module by default (`compensate`), written back in place; the LoR
 `alpha / r0` is never changed. Pruned slices lose their optimizer
 moments; the moments of the compensated components are kept, since they still estimate the
 gradient statistics of the same coordinates, which a recovery update moves only slightly.
-Under data parallelism (DDP) every rank sees the same all-reduced gradients and takes the same
-decisions; rank 0's result is broadcast anyway so that round-off cannot make replicas drift.
+The other criteria read the mean LoRA gradients of the same window (`taylor`) or the Gram
+matrices of the component activations, accumulated by forward hooks from the first step to the
+last event (`wanda`, `sparsegpt`; `activations.py`); only `obs` and `sparsegpt` compensate.
+Under data parallelism (DDP) every rank sees the same all-reduced gradients (the activation
+statistics are summed over ranks) and takes the same decisions; rank 0's result is broadcast
+anyway so that round-off cannot make replicas drift.
 Under FSDP2 the (small) LoRA matrices and their gradients are gathered whole for the statistics
 and the scores, and each rank writes the recovery update into its own shards.
 """
@@ -41,8 +46,10 @@ from torch import Tensor
 
 from loraprune.distributed import broadcast_from_main, full_tensor, index_copy_, is_sharded, unwrap_parallel
 from loraprune.errors import LoraPruneError
-from loraprune.rank_pruning.config import RankPruningConfig
-from loraprune.rank_pruning.obs import Side, damped_inverse, ranking_scores, removal_scores, remove_components
+from loraprune.rank_pruning.activations import ActivationStats
+from loraprune.rank_pruning.config import ACTIVATION_CRITERIA, RankPruningConfig
+from loraprune.rank_pruning.criteria import CompensatedPlan, ZeroingPlan, sparsegpt_plan, zeroing_plan
+from loraprune.rank_pruning.obs import ModuleRemoval, Side, damped_inverse
 from loraprune.rank_pruning.schedule import RankSchedule
 from loraprune.rank_pruning.state import CurvatureStats, LoraModule, RankMasks, find_lora_modules
 
@@ -55,11 +62,12 @@ class PruningEvent:
 
     step: int
     removed: dict[str, list[int]]
-    predicted_loss_change: float
+    predicted_loss_change: float | None  # of the quadratic loss model: obs only, None for the other criteria
     total_rank: int
     window_steps: int
     seconds: float
-    compensated: dict[str, str]  # per module: the factor(s) whose remaining components absorbed the removal
+    compensated: dict[str, str]  # per module: the factor(s) whose remaining components absorbed the removal,
+    # "none" for the criteria that only zero
 
 
 def global_removal_counts(scores: Sequence[Tensor], need: int, min_rank: int, normalization: str) -> list[int]:
@@ -114,7 +122,10 @@ class RankPruner:
                     f"add_lora(model, r={config.r0}, alpha={config.lora_alpha})"
                 )
         self.masks = RankMasks(self.modules, config.r0)
-        self.stats = CurvatureStats(self.modules, config.r0, keep_gradients=config.use_gradient)
+        self.stats = CurvatureStats(self.modules, config.r0,
+                                    keep_gradients=config.use_gradient or config.criterion == "taylor")
+        self.activations = (ActivationStats(self.modules, config.r0) if config.criterion in ACTIVATION_CRITERIA
+                            else None)
         if config.schedule == "per_module":
             self.schedule = RankSchedule.paper(total_steps, config.r0, config.rank, config.prune_every,
                                                config.per_event, config.warmup, config.cooldown)
@@ -131,12 +142,16 @@ class RankPruner:
 
         Call once per optimizer step, after the gradients are final (accumulated, all-reduced,
         unscaled) and before `optimizer.step()`. With `curvature="batch"` the statistics are
-        only computed at pruning steps (in `step`, from the gradients still present).
+        only computed at pruning steps (in `step`, from the gradients still present). The input
+        statistics of `wanda` / `sparsegpt`, gathered by hooks during this step's forward passes,
+        are committed here (for `curvature="batch"` they replace the window).
         """
         with single_threaded(self.masks.active.device):
             self.masks.zero_gradients()
             if self.config.curvature == "window":
                 self._accumulate()
+            if self.activations is not None and not self.activations.commit(replace=self.config.curvature == "batch"):
+                logger.warning("non-finite LoRA activations: this step is left out of the input statistics")
 
     def _accumulate(self) -> None:
         if not self.stats.accumulate():
@@ -152,17 +167,18 @@ class RankPruner:
             if self.config.curvature == "batch":  # the gradients of this step, not yet zeroed
                 self.stats.reset()
                 self._accumulate()
-            return self._prune(step, target, optimizer)
+            event = self._prune(step, target, optimizer)
+        if self.finished and self.activations is not None:
+            self.activations.remove_hooks()  # no event left that needs the inputs
+        return event
 
     def _prune(self, step: int, target: int, optimizer: torch.optim.Optimizer | None) -> PruningEvent:
         """Score, select and remove components until `target` are gone (per module or in total)."""
         start = time.perf_counter()
         ranks = self.masks.ranks()
-        sides = self._sides()
-        side_scores = [None if pair is None else
-                       tuple(removal_scores(side, self.config.newton_step) for side in pair) for pair in sides]
+        plans = self._plans()
         empty = torch.zeros(0, device=self.masks.active.device)  # modules at rank 0
-        scores = [empty if pair is None else ranking_scores(pair, self.config.compensate) for pair in side_scores]
+        scores = [empty if plan is None else plan.scores for plan in plans]
         if self.schedule.per_module:
             counts = [max(0, target - (self.config.r0 - rank)) for rank in ranks]
         else:
@@ -170,78 +186,117 @@ class RankPruner:
             counts = global_removal_counts(scores, max(need, 0), self.config.min_rank, self.config.normalization)
         removed: dict[str, list[int]] = {}
         compensated: dict[str, str] = {}
-        predicted = 0.0
+        predicted = 0.0 if self.config.criterion == "obs" else None
         for index, count in enumerate(counts):
             if count > 0:
                 name = self.modules[index].name
-                components, loss, compensated[name] = self._remove(index, sides[index], side_scores[index], count,
-                                                                   optimizer)
+                components, removal = self._remove(index, plans[index], count, optimizer)
                 removed[name] = components.tolist()
-                predicted += float(loss)
+                compensated[name] = removal.compensated
+                if predicted is not None:
+                    predicted += float(removal.loss_change)
         self._broadcast()
         event = PruningEvent(step, removed, predicted, sum(self.masks.ranks()), self.stats.count,
                              time.perf_counter() - start, compensated)
         self.history.append(event)
         self.stats.reset()
+        if self.activations is not None:
+            self.activations.reset()
         logger.log(logging.INFO if removed else logging.DEBUG,
-                   "step %d: pruned %d components, total rank %d, predicted loss change %.4g (%.2fs)",
-                   step, sum(len(v) for v in removed.values()), event.total_rank, predicted, event.seconds)
+                   "step %d: pruned %d components (%s), total rank %d, predicted loss change %s (%.2fs)",
+                   step, sum(len(v) for v in removed.values()), self.config.criterion, event.total_rank,
+                   "-" if predicted is None else f"{predicted:.4g}", event.seconds)
         return event
 
     # ---- scoring and removal ----------------------------------------------------------------
 
-    def _sides(self) -> list[tuple[Side, Side] | None]:
-        """The quadratic models (B side, A side) of every module over its active components (None at rank 0).
+    def _plans(self) -> list[CompensatedPlan | ZeroingPlan | None]:
+        """Every module's scores and removal under `config.criterion`, over its active components (None at rank 0).
 
-        Curvatures are inverted in float64 (they can be ill-conditioned); the `(n, k)` products
+        Gradients and curvatures are the means over the statistics window. The `(n, k)` products
         run in float32, which is ample for ranking components and compensating them.
         """
+        criterion = self.config.criterion
         count = max(self.stats.count, 1)
-        if self.stats.count == 0:
+        if self.stats.count == 0 and criterion in ("obs", "taylor"):
             logger.warning("pruning without gradient statistics: the score falls back to magnitude")
-        ranks = self.masks.ranks()
         hinv_b: list[Tensor | None] = [None] * len(self.modules)
         hinv_a: list[Tensor | None] = [None] * len(self.modules)
-        for rank in sorted(set(ranks) - {0}):  # one batched inverse per distinct rank
-            members = [i for i, r in enumerate(ranks) if r == rank]
-            indices = torch.stack([self.masks.active_indices(i) for i in members])  # (m, rank)
-            for grams, out in ((self.stats.gram_b, hinv_b), (self.stats.gram_a, hinv_a)):
-                selected = grams[members].double() / count
-                selected = torch.gather(selected, 1, indices[:, :, None].expand(-1, -1, selected.shape[2]))
-                selected = torch.gather(selected, 2, indices[:, None, :].expand(-1, rank, -1))
-                for position, hinv in zip(members, damped_inverse(selected, self.config.damping).float()):
-                    out[position] = hinv
-        sides: list[tuple[Side, Side] | None] = []
+        grams_z = self._input_grams() if criterion in ACTIVATION_CRITERIA else None
+        if criterion == "obs":
+            hinv_b, hinv_a = self._inverses(self.stats.gram_b, count), self._inverses(self.stats.gram_a, count)
+        elif criterion == "sparsegpt":
+            hinv_b = self._inverses(grams_z)
+        sequential = self.config.removal == "sequential"
+        plans: list[CompensatedPlan | ZeroingPlan | None] = []
         for index, module in enumerate(self.modules):
             active = self.masks.active_indices(index)
             if active.numel() == 0:
-                sides.append(None)
+                plans.append(None)
                 continue
             weight_b = full_tensor(module.lora_b.detach()).float().index_select(1, active)
             weight_a = full_tensor(module.lora_a.detach()).float().index_select(0, active).T
-            grad_b = grad_a = None
-            if self.config.use_gradient and self.stats.count:
-                grad_b = self.stats.grad_b[index].index_select(1, active) / count
-                grad_a = self.stats.grad_a[index].index_select(0, active).T / count
-            sides.append((Side(weight_b, grad_b, hinv_b[index]), Side(weight_a, grad_a, hinv_a[index])))
-        return sides
+            grads = None
+            if self.stats.keep_gradients and self.stats.count:
+                grads = (self.stats.grad_b[index].index_select(1, active) / count,
+                         self.stats.grad_a[index].index_select(0, active).T / count)
+            if criterion == "obs":
+                grad_b, grad_a = grads if grads is not None else (None, None)
+                sides = (Side(weight_b, grad_b, hinv_b[index]), Side(weight_a, grad_a, hinv_a[index]))
+                plans.append(CompensatedPlan(sides, self.config.compensate, sequential, self.config.newton_step))
+            elif criterion == "sparsegpt":
+                plans.append(sparsegpt_plan(weight_b, weight_a, hinv_b[index], sequential))
+            else:
+                gram_z = None if grams_z is None else grams_z[index][active][:, active]
+                plans.append(zeroing_plan(criterion, weight_b, weight_a, grads, gram_z))
+        return plans
+
+    def _inverses(self, grams: Tensor, count: int = 1) -> list[Tensor | None]:
+        """`(H + λI)⁻¹` over the active components of every module (None at rank 0), `H = grams / count` from
+        `(m, r0, r0)` Gram sums: one batched float64 Cholesky per distinct rank (they can be ill-conditioned)."""
+        ranks = self.masks.ranks()
+        out: list[Tensor | None] = [None] * len(self.modules)
+        for rank in sorted(set(ranks) - {0}):
+            members = [i for i, r in enumerate(ranks) if r == rank]
+            indices = torch.stack([self.masks.active_indices(i) for i in members])  # (m, rank)
+            selected = grams[members].double() / count
+            selected = torch.gather(selected, 1, indices[:, :, None].expand(-1, -1, selected.shape[2]))
+            selected = torch.gather(selected, 2, indices[:, None, :].expand(-1, rank, -1))
+            for position, hinv in zip(members, damped_inverse(selected, self.config.damping).float()):
+                out[position] = hinv
+        return out
+
+    def _input_grams(self) -> Tensor:
+        """Mean `E[z·zᵀ]` (`z = A·x`) of every module over the window, `(m, r0, r0)`.
+
+        A module that saw no input since the last event (or only non-finite ones) gets `A·Aᵀ`, the
+        Gram of white inputs: wanda then scores by magnitude and sparsegpt minimises `‖ΔB·A‖_F`.
+        """
+        grams, seen = self.activations.means()
+        missing = torch.nonzero(~seen).flatten().tolist()
+        if missing:
+            logger.warning("%d LoRA modules saw no input since the last pruning event: white inputs assumed",
+                           len(missing))
+        for index in missing:
+            lora_a = full_tensor(self.modules[index].lora_a.detach()).float()
+            grams[index] = lora_a @ lora_a.T
+        return grams
 
     @torch.no_grad()
-    def _remove(self, index: int, sides: tuple[Side, Side], side_scores: tuple[Tensor, Tensor], count: int,
-                optimizer: torch.optim.Optimizer | None) -> tuple[Tensor, Tensor, str]:
-        """Remove `count` components of module `index` with the recovery update, in place.
+    def _remove(self, index: int, plan: CompensatedPlan | ZeroingPlan, count: int,
+                optimizer: torch.optim.Optimizer | None) -> tuple[Tensor, ModuleRemoval]:
+        """Remove `count` components of module `index` as its plan says, in place (weights, masks, moments).
 
-        Returns the removed components, the predicted loss change and which factor compensated.
+        Returns the removed components (indices among the `r0`) and the removal.
         """
-        removal = remove_components(sides, side_scores, count, self.config.compensate,
-                                    self.config.removal == "sequential", self.config.newton_step)
+        removal = plan.remove(count)
         active = self.masks.active_indices(index)
         module = self.modules[index]
         index_copy_(module.lora_b, 1, active, removal.weight_b.to(module.lora_b.dtype))
         index_copy_(module.lora_a, 0, active, removal.weight_a.T.to(module.lora_a.dtype))
         components = active[removal.positions]
         self.masks.prune(index, components, optimizer)
-        return components, removal.loss_change, removal.compensated
+        return components, removal
 
     def _broadcast(self) -> None:
         """Make every data-parallel replica hold rank 0's masks and LoRA weights (FSDP shards stay each rank's)."""
