@@ -72,12 +72,14 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
     directory, data files, budget) and writes the output atomically, with
     `loraprune_report.json` and its rendering (`report.md`, `report.html`, plots) beside the weights.
     Under `torchrun` / `accelerate launch` (DDP) every process trains and only the main one
-    writes; the others' report has no `file_size_bytes`.
+    writes; the others' report has no `file_size_bytes`. With `config.quantize` LoRAPrune trains on
+    k-bit base weights on the GPU; its masks and adapter are then applied to the checkpoint re-loaded
+    in `config.dtype` on the CPU, which is shrunk, merged, evaluated and saved.
     """
     output = check_output_dir(config.output, config.overwrite)
     if config.eval_data:
         load_text(config.eval_data)  # a missing file fails now, not after pruning
-    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    model, tokenizer = load_model(config.model, dtype=config.dtype, quantize=config.quantize)
     adapter = get_adapter(model)
     families = adapter.families(model, config.attention_unit)
     prunable = parse_layers(config.layers, len(adapter.layer_sizes(model)))
@@ -89,7 +91,8 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
     windows = training_windows(tokenizer, config.calibration_data, config.seq_len) if config.steps else None
     lora = LoraSettings(steps=config.steps, rank=config.lora_rank, alpha=config.lora_alpha,
                         learning_rate=config.learning_rate, batch_size=config.batch_size, seed=config.seed,
-                        report_to=config.report_to, logging_dir=config.logging_dir)
+                        report_to=config.report_to, logging_dir=config.logging_dir, bf16=config.bf16,
+                        fp16=config.fp16, gradient_checkpointing=config.gradient_checkpointing)
     if config.steps:
         lora.training_config()  # validates the training options before the long work
     criterion = get_criterion(config.method, **({"seed": config.seed} if config.method == "random" else {})) \
@@ -115,7 +118,8 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
     else:
         target = PruningTarget(config.sparsity, config.attention_sparsity, config.mlp_sparsity, config.layers,
                                config.allocation, config.attention_unit)
-        training, masks = loraprune(model, windows, lora, target, loraprune_config or LoRAPruneConfig())
+        training, masks = loraprune(model, windows, lora, target, loraprune_config or LoRAPruneConfig(),
+                                    full_precision_base=lambda: load_model(config.model, dtype=config.dtype)[0])
     if training is not None:
         model = training.model.merge_and_unload() if config.merge_adapter else training.model
     prune_seconds = time.perf_counter() - started

@@ -74,6 +74,8 @@ def dataclass_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any
 
 ATTENTION_UNITS = ("auto", "kv_group", "query_head", "head")
 ALLOCATIONS = ("global", "uniform")
+#: base weights in full precision, or as bitsandbytes NF4 / LLM.int8() k-bit weights (`loraprune.kbit`)
+QUANTIZE_CHOICES = ("none", "4bit", "8bit")
 
 
 @dataclasses.dataclass
@@ -122,6 +124,16 @@ class PruneModelConfig:
     eval_seq_len: int = option(128, help="window length of the perplexity evaluation")
     eval_max_tokens: int | None = option(None, help="evaluate on the first N tokens only (default: the whole text)")
     dtype: str = option("float32", help="dtype to load and prune the model in (float32, bfloat16, float16)")
+    quantize: str = option(
+        "none", help="load the base weights in 4 or 8 bits with bitsandbytes for the LoRA training (CUDA only, "
+        "--method loraprune; de-quantised to --dtype one matrix at a time for scoring); the pruned model is "
+        "shrunk and merged from the same checkpoint re-loaded in --dtype", choices=QUANTIZE_CHOICES,
+    )
+    bf16: bool = option(False, help="LoRA training in bfloat16 autocast (CUDA or CPU)")
+    fp16: bool = option(False, help="LoRA training in float16 autocast with a loss scaler (CUDA only)")
+    gradient_checkpointing: bool = option(
+        False, help="LoRA training recomputes activations in the backward pass (less memory, same gradients)"
+    )
     steps: int = option(
         0, help="LoRA training steps, for every method: loraprune prunes during them; the one-shot methods "
         "fine-tune after pruning (recovery; 0 = none)"
@@ -161,3 +173,7 @@ class PruneModelConfig:
               "loraprune prunes while LoRA trains: give the number of training steps (--steps N, e.g. 200)")
         check(self.lora_rank >= 1 and self.batch_size >= 1, "lora-rank and batch-size must be >= 1")
         check(self.learning_rate > 0, f"learning-rate must be > 0, got {self.learning_rate}")
+        check(self.quantize in QUANTIZE_CHOICES, f"quantize must be one of {QUANTIZE_CHOICES}, got {self.quantize!r}")
+        check(self.quantize == "none" or self.method == "loraprune",
+              f"--quantize {self.quantize} works with --method loraprune only: the one-shot criteria read or "
+              "differentiate the base weights themselves and shrink them before training")

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from loraprune.errors import LoraPruneError
+from loraprune.kbit import local_cuda_device, quantization_config, require_kbit_support
 
 logger = logging.getLogger(__name__)
 
@@ -179,17 +180,26 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | None = None,
     adapter: str | None = None,
+    quantize: str = "none",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM (in eval mode) and its tokenizer; with `adapter`, wrap it in that PEFT adapter.
 
     `device` None keeps the model where ``from_pretrained`` puts it (the CPU). The tokenizer gets
     the EOS token as padding token if it has none. Pruned models with per-layer widths load
-    because importing ``loraprune`` registers their classes.
+    because importing ``loraprune`` registers their classes. `quantize` "4bit" / "8bit" loads the
+    linear layers as bitsandbytes k-bit weights (`loraprune.kbit`; CUDA only, `device` defaults to
+    this process' GPU), de-quantised to `dtype` for their products.
     """
     torch_dtype = parse_dtype(dtype)
     path = resolve_model_path(name_or_path)
+    options: dict = {}
+    if quantize != "none":
+        device = device or local_cuda_device()
+        require_kbit_support(quantize, device)
+        options = {"quantization_config": quantization_config(quantize, torch_dtype), "device_map": {"": device}}
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, output_loading_info=True,
+                                                           **options)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RuntimeError, KeyError, ImportError, SafetensorError) as error:
         raise LoraPruneError(f"could not load model from {path}: {error}") from error
@@ -201,7 +211,7 @@ def load_model(
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if device is not None:
+    if device is not None and not options:  # a quantized model is placed by its device_map
         model.to(device)
     if adapter is not None:
         model = _attach_adapter(model, adapter)

@@ -11,19 +11,21 @@ import transformers
 from torch import nn
 
 import loraprune
+from loraprune.kbit import logical_numel
 from loraprune.structure import get_adapter, unwrap_model
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in unwrap_model(model).parameters())
+    """Unique parameters (tied embeddings counted once; k-bit weights by their unpacked size)."""
+    return sum(logical_numel(p) for p in unwrap_model(model).parameters())
 
 
 def decoder_parameters(model: nn.Module) -> int:
     """Parameters of the decoder layers' attention and MLP blocks: what `sparsity` is a fraction of."""
     root = unwrap_model(model)
     return sum(
-        p.numel() for layer in root.model.layers for block in (layer.self_attn, layer.mlp) for p in block.parameters()
+        logical_numel(p) for layer in root.model.layers for block in (layer.self_attn, layer.mlp)
+        for p in block.parameters()
     )
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from loraprune.errors import LoraPruneError
+from loraprune.kbit import is_kbit_model
 from loraprune.structure import GroupFamily, LayerSizes, Masks, get_adapter, unwrap_model
 
 
@@ -54,6 +55,12 @@ def shrink_model(model: nn.Module, families: list[GroupFamily], masks: Masks) ->
     """
     root = unwrap_model(model)
     adapter = get_adapter(root)
+    if is_kbit_model(root):
+        raise LoraPruneError(
+            "the model's weights are k-bit (bitsandbytes), whose packed storage cannot be sliced: load the same "
+            "checkpoint in full precision, copy the LoRA adapter onto it (loraprune.kbit.full_precision_copy) and "
+            "shrink that copy with the same families and masks (loraprune prune-model --quantize does this)"
+        )
     for family in families:
         keep = masks.get(family.key)
         if keep is None or bool(keep.all()):

@@ -34,8 +34,16 @@ class TrainingConfig:
     seed: int = option(0, help="random seed (initialisation of the adapter, data order)")
     logging_steps: int = option(10, help="log the training loss every this many steps")
     max_grad_norm: float = option(1.0, help="gradient clipping norm (0 disables clipping)")
-    bf16: bool = option(False, help="train in bfloat16 autocast (GPU)")
-    fp16: bool = option(False, help="train in float16 autocast with a loss scaler (GPU)")
+    bf16: bool = option(False, help="train in bfloat16 autocast (CUDA or CPU; the weights keep their dtype)")
+    fp16: bool = option(
+        False, help="train in float16 autocast with a dynamic loss scaler (CUDA only); the pruners read the "
+        "gradients after the Trainer has unscaled them"
+    )
+    gradient_checkpointing: bool = option(
+        False, help="recompute each decoder layer's activations in the backward pass instead of storing them "
+        "(non-reentrant torch.utils.checkpoint): less activation memory for one more forward pass; the "
+        "gradients, and so the pruning scores, are unchanged"
+    )
     report_to: str = option(
         "none", help="where transformers.Trainer sends the training metrics: 'none', or trackers such as "
         "'tensorboard', 'wandb', 'mlflow' (comma-separated, installed separately)"
@@ -54,6 +62,9 @@ class TrainingConfig:
         check(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0")
         check(self.logging_steps >= 1, "logging_steps must be >= 1")
         check(not (self.bf16 and self.fp16), "choose at most one of --bf16 and --fp16")
+        # on the CPU the Trainer has no float16 autocast or loss scaler and would silently train in float32
+        check(not self.fp16 or torch.cuda.is_available(),
+              "--fp16 (float16 autocast with a loss scaler) needs a CUDA GPU; on the CPU use --bf16")
         check("tensorboard" not in self.report_to or self.logging_dir is not None,
               "--report-to tensorboard needs --logging-dir DIR (the event files would go to a temporary directory)")
 
@@ -75,6 +86,10 @@ def training_arguments(config: TrainingConfig, output_dir: str) -> TrainingArgum
         logging_steps=config.logging_steps,
         bf16=config.bf16,
         fp16=config.fp16,
+        # non-reentrant checkpointing gives frozen-base LoRA layers their gradients without inputs that
+        # require grad (transformers also makes the embeddings' output require grad for PEFT models)
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         report_to=[name.strip() for name in config.report_to.split(",")],
         save_strategy="no",
         push_to_hub=False,

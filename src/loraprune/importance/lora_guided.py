@@ -17,7 +17,10 @@ are summed.
 
 No gradient of a base weight is ever created: only the LoRA gradients that training
 computes anyway are read, and the transient memory of scoring is a few temporaries the size
-of one matrix (matrices are scored one at a time).
+of one matrix (matrices are scored one at a time). A k-bit base weight (bitsandbytes
+`Linear4bit` / `Linear8bitLt`) is de-quantised by bitsandbytes' own functions (through PEFT's
+`dequantize_module_weight`, which imports bitsandbytes only for such a weight) right before its
+matrix is scored and freed right after, so at most one de-quantised matrix exists at a time.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +21,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 
 from loraprune.config import check
 from loraprune.data import load_text, token_windows
+from loraprune.errors import LoraPruneError
+from loraprune.kbit import full_precision_copy, is_kbit_model
 from loraprune.lora import DEFAULT_TARGET_MODULES, add_lora
 from loraprune.model_pruning.callback import LoRAPruneCallback
 from loraprune.model_pruning.config import LoRAPruneConfig
 from loraprune.model_pruning.pruner import ModelPruner, PruningTarget
 from loraprune.run_report.record import loss_history
+from loraprune.shrink import shrink_model
 from loraprune.structure import Masks
 from loraprune.training import TrainingConfig, train
 
@@ -48,11 +52,15 @@ class LoraSettings:
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     report_to: str = "none"
     logging_dir: str | None = None
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
 
     def training_config(self) -> TrainingConfig:
         return TrainingConfig(steps=self.steps, learning_rate=self.learning_rate, batch_size=self.batch_size,
                               seed=self.seed, logging_steps=max(1, self.steps // 10), report_to=self.report_to,
-                              logging_dir=self.logging_dir)
+                              logging_dir=self.logging_dir, bf16=self.bf16, fp16=self.fp16,
+                              gradient_checkpointing=self.gradient_checkpointing)
 
 
 @dataclass
@@ -96,16 +104,27 @@ def train_lora(model: PreTrainedModel, windows: list[dict[str, torch.Tensor]], s
 
 
 def loraprune(model: PreTrainedModel, windows: list[dict[str, torch.Tensor]], settings: LoraSettings,
-              target: PruningTarget, config: LoRAPruneConfig) -> tuple[LoraRun, Masks]:
+              target: PruningTarget, config: LoRAPruneConfig,
+              full_precision_base: Callable[[], PreTrainedModel] | None = None) -> tuple[LoraRun, Masks]:
     """Train LoRA on `model` while LoRAPrune prunes it, then shrink base and LoRA weights physically.
 
     Returns the run (its `model` is the shrunk, still unmerged PEFT model) and the final masks.
+    Packed k-bit weights cannot be sliced: when `model` is k-bit, `full_precision_base()` loads
+    the same checkpoint in full precision, the trained adapter is copied onto it, and that copy
+    is shrunk and returned instead (`loraprune.kbit`).
     """
+    if is_kbit_model(model) and full_precision_base is None:
+        raise LoraPruneError("the model has k-bit (bitsandbytes) weights, which cannot be sliced: pass "
+                             "full_precision_base, a function that loads the same checkpoint in full precision")
     callback = LoRAPruneCallback(target, config)
     run = train_lora(model, windows, settings, callbacks=(callback,))
     pruner = callback.pruner
     masks = pruner.masks
-    pruner.finish()
+    if is_kbit_model(run.model):
+        run.model = full_precision_copy(run.model, full_precision_base())
+        shrink_model(run.model, pruner.families, masks)
+    else:
+        pruner.finish()
     run.pruner = pruner
     run.summary["loraprune"] = {
         "events": pruner.history, "observations": pruner.observations, "skipped_steps": pruner.skipped_steps,

@@ -26,7 +26,7 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import PreTrainedModel, TrainerCallback
 
-from loraprune.config import check, option
+from loraprune.config import QUANTIZE_CHOICES, check, option
 from loraprune.data import SFTCollator, load_sft_records, tokenize_sft
 from loraprune.distributed import is_main_process, wait_for_everyone
 from loraprune.io import atomic_directory, check_output_dir, write_json
@@ -63,9 +63,14 @@ class AdapterRunConfig:
     max_answer_tokens: int = option(256, help="answers are cut at this many tokens (EOS included)")
     dtype: str = option("float32", help="dtype the base model is loaded in", choices=("float32", "bfloat16",
                                                                                        "float16"))
+    quantize: str = option(
+        "none", help="load the base weights in 4 or 8 bits with bitsandbytes (QLoRA-style; CUDA only); the "
+        "adapter is trained and pruned on them and saved as usual", choices=QUANTIZE_CHOICES,
+    )
     overwrite: bool = option(False, help="replace an existing output directory")
 
     def __post_init__(self) -> None:
+        check(self.quantize in QUANTIZE_CHOICES, f"quantize must be one of {QUANTIZE_CHOICES}, got {self.quantize!r}")
         check(self.train_limit is None or self.train_limit >= 1, "train_limit must be >= 1")
         check(self.max_answer_tokens >= 1, "max_answer_tokens must be >= 1")
 
@@ -213,7 +218,7 @@ def prune_adapter(run_config: AdapterRunConfig, pruning: RankPruningConfig,
     """
     check(run_config.output is not None, "an output directory is needed (--output DIR)")
     check_output_dir(run_config.output, run_config.overwrite)  # fail before the long training
-    model, tokenizer = load_model(run_config.model, dtype=run_config.dtype)
+    model, tokenizer = load_model(run_config.model, dtype=run_config.dtype, quantize=run_config.quantize)
     base_parameters = count_parameters(model)
     dataset, collator = load_sft_dataset(run_config.data, tokenizer, run_config.train_limit,
                                          run_config.max_answer_tokens)
