@@ -10,6 +10,7 @@ installed, its CPU backend also runs the real k-bit code paths here.
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import weakref
 from types import SimpleNamespace
@@ -31,7 +32,7 @@ from loraprune.rank_pruning.pruner import RankPruner
 from loraprune.report import count_parameters
 from loraprune.shrink import shrink_model
 from loraprune.structure import get_adapter, unwrap_model
-from loraprune.training import TrainingConfig, train
+from loraprune.training import TrainingConfig, enable_gradient_checkpointing, train
 from model_pruning_helpers import COLLATOR, lora_model, token_dataset, training
 from tiny_models import tiny_model
 
@@ -79,7 +80,7 @@ def test_gradient_checkpointing_recomputes_layers_and_keeps_lora_gradients(one_t
     ids = token_dataset(count=4)[0]["input_ids"].view(2, -1)
     calls = _count_calls(unwrap_model(model).model.layers[1].mlp)
     plain = _lora_gradients(model, ids)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model)
     checkpointed = _lora_gradients(model, ids)
     assert len(calls) == 1 + 2  # the checkpointed pass runs the MLP again in its backward pass
     assert plain.keys() == checkpointed.keys() and len(plain) == 3 * 7 * 2
@@ -99,8 +100,9 @@ def test_training_arguments_use_non_reentrant_checkpointing():
     from loraprune.training import training_arguments
 
     args = training_arguments(TrainingConfig(steps=1, gradient_checkpointing=True), "unused")
-    assert args.activation_checkpointing and args.activation_checkpointing_kwargs == {"use_reentrant": False}
-    assert not training_arguments(TrainingConfig(steps=1), "unused").activation_checkpointing
+    # the old names, which recent transformers releases keep as mirrors of activation_checkpointing*
+    assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert not training_arguments(TrainingConfig(steps=1), "unused").gradient_checkpointing
 
 
 # ----------------------------------------------------------------------------------- mixed precision, scaling
@@ -122,6 +124,19 @@ def test_trainer_bf16_autocast_on_cpu_prunes_like_float32(one_thread):
         assert torch.equal(pruner.masks[key], mask), key
         cosine = torch.nn.functional.cosine_similarity(pruner.scores[key], reference.scores[key], dim=0)
         assert cosine > 0.99, key  # bf16 rounding only: the scores are not rescaled in any way
+
+
+def test_lora_guided_scores_are_float32_inside_an_autocast_region():
+    """A custom loop may call `observe()` inside its autocast block: the scores must not change."""
+    model = _lora_model_with_gradients()
+    root = unwrap_model(model)
+    families = get_adapter(root).families(root)
+    criterion = LoraGuidedCriterion(second_order=True)
+    expected = criterion.gradient_scores(model, families)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        scores = criterion.gradient_scores(model, families)
+    for key, value in expected.items():
+        torch.testing.assert_close(scores[key], value, rtol=0, atol=0)
 
 
 def test_trainer_gradient_accumulation_gives_the_scores_of_one_big_batch(one_thread):
@@ -479,3 +494,38 @@ def test_quantized_loading_on_gpu(tiny_model_dir):
     for kind in ("4bit", "8bit"):
         model, _ = load_model(str(tiny_model_dir), quantize=kind)
         assert is_kbit_model(model) and next(model.parameters()).device.type == "cuda"
+
+
+# ------------------------------------------------------------------------------------- the memory benchmark
+
+
+def test_memory_benchmark_records_results_and_failures(tmp_path, monkeypatch, one_thread):
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("memory_options", REPO_ROOT / "benchmarks" / "memory_options.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "memory_options", benchmark)  # its dataclasses look their module up
+    spec.loader.exec_module(benchmark)
+    real_build = benchmark.build_model
+
+    def build(shape, dtype, device):
+        if dtype == torch.bfloat16:
+            raise torch.OutOfMemoryError("pretend the device is full")
+        return real_build(shape, dtype, device)
+
+    monkeypatch.setattr(benchmark, "build_model", build)
+    out = tmp_path / "memory"
+    assert benchmark.main(["--device", "cpu", "--shapes", "tiny", "--scaling-shapes", "--batches", "2x16",
+                           "--methods", "loraprune", "taylor", "--precisions", "fp32", "bf16-weights",
+                           "--checkpointing", "off", "--output-dir", str(out)]) == 0
+    results = json.loads((out / "memory_options.json").read_text())
+    rows = {row["key"]: row for row in results["measurements"]}
+    assert set(rows) == {f"tiny/{m}/{p}/no-ckpt/2x16" for m in ("loraprune", "taylor")
+                         for p in ("fp32", "bf16-weights")}
+    for method in ("loraprune", "taylor"):
+        ok, failed = rows[f"tiny/{method}/fp32/no-ckpt/2x16"], rows[f"tiny/{method}/bf16-weights/no-ckpt/2x16"]
+        assert ok["peak_mib"] >= 0 and ok["parameters"] > 0 and "error" not in ok
+        assert failed["error"].startswith("OutOfMemoryError: pretend")
+    assert results["environment"]["torch"] == torch.__version__ and results["settings"]["shapes"] == ["tiny"]
+    text = (out / "memory_options.md").read_text()
+    assert "## tiny" in text and "| loraprune |" in text and "Failed measurements" in text

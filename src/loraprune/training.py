@@ -7,6 +7,7 @@ when methods are compared.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -69,6 +70,29 @@ class TrainingConfig:
               "--report-to tensorboard needs --logging-dir DIR (the event files would go to a temporary directory)")
 
 
+#: non-reentrant checkpointing gives the LoRA layers of a frozen base their gradients without inputs that
+#: require grad (transformers also makes the embeddings' output require grad for PEFT models)
+CHECKPOINTING_KWARGS = {"use_reentrant": False}
+
+
+def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """The checkpointing fields of `TrainingArguments`, named `activation_checkpointing*` in recent
+    transformers 5 releases and `gradient_checkpointing*` (now their deprecated alias) before."""
+    fields = {field.name for field in dataclasses.fields(TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in fields else "gradient"
+    return {f"{prefix}_checkpointing": enabled,
+            f"{prefix}_checkpointing_kwargs": dict(CHECKPOINTING_KWARGS) if enabled else None}
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Checkpoint every decoder layer of `model` (a transformers or PEFT model), as `--gradient-checkpointing`
+    does inside the Trainer; for custom training loops. Active while the model is in training mode."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS))
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS))
+
+
 def training_arguments(config: TrainingConfig, output_dir: str) -> TrainingArguments:
     """The `TrainingArguments` of `config`: no checkpoints, no hub, CPU when there is no CUDA device."""
     return TrainingArguments(
@@ -86,10 +110,7 @@ def training_arguments(config: TrainingConfig, output_dir: str) -> TrainingArgum
         logging_steps=config.logging_steps,
         bf16=config.bf16,
         fp16=config.fp16,
-        # non-reentrant checkpointing gives frozen-base LoRA layers their gradients without inputs that
-        # require grad (transformers also makes the embeddings' output require grad for PEFT models)
-        activation_checkpointing=config.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        **_checkpointing_arguments(config.gradient_checkpointing),
         report_to=[name.strip() for name in config.report_to.split(",")],
         save_strategy="no",
         push_to_hub=False,

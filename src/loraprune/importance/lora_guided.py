@@ -38,20 +38,27 @@ from loraprune.structure import GroupFamily, unwrap_model
 
 def estimated_gradient(lora_a: torch.Tensor, lora_b: torch.Tensor, grad_a: torch.Tensor, grad_b: torch.Tensor,
                        second_order: bool = False) -> torch.Tensor:
-    """`Ĝ = G_B·A + B·G_A` (`− G_B·G_A` with `second_order`), float32, shape of the base weight."""
+    """`Ĝ = G_B·A + B·G_A` (`− G_B·G_A` with `second_order`), float32, shape of the base weight.
+
+    Computed in float32 even inside an autocast region (a training loop may score there).
+    """
     a, b, g_a, g_b = (t.detach().float() for t in (lora_a, lora_b, grad_a, grad_b))
-    estimate = g_b @ a
-    estimate.addmm_(b, g_a)
-    if second_order:
-        estimate.addmm_(g_b, g_a, alpha=-1.0)
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        estimate = g_b @ a
+        estimate.addmm_(b, g_a)
+        if second_order:
+            estimate.addmm_(g_b, g_a, alpha=-1.0)
     return estimate
 
 
 def element_importance(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                         grad_a: torch.Tensor, grad_b: torch.Tensor, second_order: bool = False) -> torch.Tensor:
-    """`|Ĝ ⊙ (W0 + s·B·A)|` for one LoRA-wrapped matrix (float32, two matrix-sized temporaries)."""
+    """`|Ĝ ⊙ (W0 + s·B·A)|` for one LoRA-wrapped matrix (float32 also under autocast, two matrix-sized
+    temporaries)."""
     importance = estimated_gradient(lora_a, lora_b, grad_a, grad_b, second_order)
-    merged = torch.addmm(weight.detach().float(), lora_b.detach().float(), lora_a.detach().float(), alpha=scaling)
+    with torch.autocast(device_type=weight.device.type, enabled=False):
+        merged = torch.addmm(weight.detach().float(), lora_b.detach().float(), lora_a.detach().float(),
+                             alpha=scaling)
     return importance.mul_(merged).abs_()
 
 
