@@ -19,16 +19,29 @@ from loraprune.semi_structured.targets import base_linear
 TWO_FOUR = NMPattern(2, 4)
 
 
-def to_semi_structured(model: nn.Module, modules: list[str]) -> str:
+#: "auto": PyTorch's choice (cuSPARSELt where it is built in, else CUTLASS), or one of the two
+BACKENDS = ("auto", "cusparselt", "cutlass")
+
+
+def to_semi_structured(model: nn.Module, modules: list[str], backend: str = "auto") -> str:
     """Replace the 2:4 weights of `modules` (in place, for inference) by semi-structured sparse tensors.
 
-    Returns the name of the tensor class PyTorch chose (its backend). Raises before touching
+    Returns the name of the sparse tensor class used (its backend). Raises before touching
     any weight if there is no CUDA device, a weight is not on it in float16/bfloat16, or a
     weight does not hold the 2:4 pattern exactly.
     """
+    if backend not in BACKENDS:
+        raise LoraPruneError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if not torch.cuda.is_available():
         raise LoraPruneError("semi-structured sparse kernels need a CUDA GPU (Ampere or later); none is available")
-    from torch.sparse import to_sparse_semi_structured
+    from torch.sparse import (
+        SparseSemiStructuredTensorCUSPARSELT,
+        SparseSemiStructuredTensorCUTLASS,
+        to_sparse_semi_structured,
+    )
+
+    convert = {"auto": to_sparse_semi_structured, "cusparselt": SparseSemiStructuredTensorCUSPARSELT.from_dense,
+               "cutlass": SparseSemiStructuredTensorCUTLASS.from_dense}[backend]
 
     linears = {name: base_linear(model, name) for name in modules}
     for name, linear in linears.items():
@@ -40,7 +53,7 @@ def to_semi_structured(model: nn.Module, modules: list[str]) -> str:
             raise LoraPruneError(f"{name}'s weight does not hold the 2:4 pattern")
     backend = ""
     for linear in linears.values():
-        sparse = to_sparse_semi_structured(linear.weight.detach())
+        sparse = convert(linear.weight.detach())
         linear.weight = nn.Parameter(sparse, requires_grad=False)
         backend = type(sparse).__name__
     return backend
