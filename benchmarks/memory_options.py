@@ -23,7 +23,7 @@ CUDA context). With `--device cpu` they are the process' peak RSS (VmHWM, reset 
 comparable. A failing measurement is recorded with its error and the others go on; results are
 rewritten after every measurement, and `--time-budget` stops starting new ones in time.
 
-    python benchmarks/memory_options.py --output-dir OUT                       # GPU: the full plan
+    python benchmarks/memory_options.py --output-dir OUT                       # GPU: the full plan (< 3 min)
     python benchmarks/memory_options.py --device cpu --shapes tiny --scaling-shapes --batches 2x32 \\
         --output-dir /tmp/mem                                                  # a CPU smoke run
 """
@@ -266,10 +266,11 @@ def run_measurement(spec: Spec, device: torch.device, meter, rank: int, r0: int,
 
 
 def plan(args: argparse.Namespace, shapes: list[Shape], scaling: list[Shape]) -> list[Spec]:
-    """The measurements in the order they run: the full grid of the main shapes, then the scaling shapes."""
+    """The measurements in the order they run: the (few) scaling shapes first, so that the time budget cuts
+    the end of the main shapes' grid rather than the comparison at scale, then the full grid."""
     specs = []
-    for grid_shapes, batches, precisions in ((shapes, args.batches, args.precisions),
-                                             (scaling, args.scaling_batches, args.scaling_precisions)):
+    for grid_shapes, batches, precisions in ((scaling, args.scaling_batches, args.scaling_precisions),
+                                             (shapes, args.batches, args.precisions)):
         for shape in grid_shapes:
             for batch_size, seq_len in batches:
                 for precision in precisions:
