@@ -422,6 +422,15 @@ def _quantized(model_dir, kind: str, device: str = "cpu"):
                                                 device_map={"": device})
 
 
+def _bypass_gpu_check(monkeypatch) -> None:
+    """Let bitsandbytes' CPU backend stand in for the GPU (no-op where there is one)."""
+    import loraprune.models as models
+
+    if not HAS_CUDA:
+        monkeypatch.setattr(models, "require_kbit_support", lambda quantize, device: None)
+        monkeypatch.setattr(models, "local_cuda_device", lambda: "cpu")
+
+
 @needs_bnb
 @pytest.mark.parametrize("kind", ["4bit", "8bit"])
 def test_bitsandbytes_scores_equal_scores_on_the_dequantized_weights(kind, tiny_model_dir, one_thread):
@@ -461,13 +470,10 @@ def test_bitsandbytes_scores_equal_scores_on_the_dequantized_weights(kind, tiny_
 @needs_bnb
 def test_prune_model_on_4bit_weights_end_to_end(tiny_model_dir, tmp_path, monkeypatch, one_thread):
     """The whole `prune-model --quantize 4bit` path, on bitsandbytes' CPU backend (the GPU check is bypassed)."""
-    import loraprune.models as models
     from loraprune.api import prune_model
     from loraprune.models import load_model
 
-    if not HAS_CUDA:
-        monkeypatch.setattr(models, "require_kbit_support", lambda quantize, device: None)
-        monkeypatch.setattr(models, "local_cuda_device", lambda: "cpu")
+    _bypass_gpu_check(monkeypatch)
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. Question: how many apples are there? " * 40)
     config = PruneModelConfig(output=str(tmp_path / "out"), model=str(tiny_model_dir), method="loraprune",
@@ -484,6 +490,24 @@ def test_prune_model_on_4bit_weights_end_to_end(tiny_model_dir, tmp_path, monkey
     ids = torch.arange(3, 19)[None]
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
+
+
+@needs_bnb
+def test_prune_adapter_on_4bit_weights_end_to_end(tiny_model_dir, data_dir, tmp_path, monkeypatch, one_thread):
+    from loraprune.cli import main
+    from loraprune.models import load_model
+
+    _bypass_gpu_check(monkeypatch)
+    output = tmp_path / "adapter"
+    assert main(["prune-adapter", "--model", str(tiny_model_dir), "--data", str(data_dir / "gsm8k" / "train.jsonl"),
+                 "--train-limit", "8", "--max-answer-tokens", "24", "--r0", "8", "--rank", "2", "--steps", "4",
+                 "--batch-size", "2", "--prune-every", "2", "--output", str(output), "--quantize", "4bit",
+                 "--gradient-checkpointing"]) == 0
+    report = json.loads((output / "loraprune_report.json").read_text())
+    assert report["settings"]["run"]["quantize"] == "4bit" and report["settings"]["training"]["gradient_checkpointing"]
+    assert report["total_rank_after"] == 2 * 7 * 2
+    model, _ = load_model(str(tiny_model_dir), adapter=str(output))  # onto the full-precision base
+    assert not is_kbit_model(model)
 
 
 @pytest.mark.cuda
