@@ -418,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for spec in plan(args, shapes, scaling):
         row: dict[str, Any] = {"key": spec.key(), **{k: v for k, v in asdict(spec).items() if k != "shape"},
-                               "shape": spec.shape.name}
+                               "shape": spec.shape.name, "flags": PRECISION_FLAGS[spec.precision]
+                               + (" --gradient-checkpointing" if spec.checkpointing else "")}
         if time.perf_counter() - started > args.time_budget:
             row["skipped"] = f"time budget of {args.time_budget:.0f} s spent"
         else:
