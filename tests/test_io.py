@@ -154,8 +154,12 @@ def test_outputs_get_the_permissions_of_the_umask_not_of_temp_files(tmp_path):
     try:
         with atomic_directory(tmp_path / "out") as staging:
             write_json(staging / "report.json", {"a": 1})
+            private = staging / "weights.bin"  # as a writer going through its own temp file leaves it
+            private.write_bytes(b"0")
+            private.chmod(0o600)
     finally:
         os.umask(previous)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755  # mkdtemp alone would give 0700
     assert (tmp_path / "out" / "report.json").stat().st_mode & 0o777 == 0o644  # mkstemp alone: 0600
+    assert (tmp_path / "out" / "weights.bin").stat().st_mode & 0o777 == 0o644
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == {"a": 1}

@@ -46,6 +46,15 @@ def _umask_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def _apply_umask(directory: Path) -> None:
+    """Give everything written into `directory` the umask's permissions: writers that go through
+    temp files of their own (safetensors, our `write_json`) otherwise leave them at 0600."""
+    file_mode, dir_mode = _umask_mode(directory=False), _umask_mode(directory=True)
+    for path in directory.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, dir_mode if path.is_dir() else file_mode)
+
+
 @contextmanager
 def atomic_directory(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces `output_dir` only if the block succeeds.
@@ -61,6 +70,7 @@ def atomic_directory(output_dir: str | os.PathLike, overwrite: bool = False) -> 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _apply_umask(staging)
     if target.exists():
         retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         os.rename(target, retired / target.name)
