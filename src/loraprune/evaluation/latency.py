@@ -131,12 +131,13 @@ class LatencyResult:
             f"cost: batch {self.batch_size} x {self.seq_len} tokens, {self.gen_tokens} generated tokens, "
             f"{self.repeats} interleaved repeats after {self.warmup} warm-up, median (IQR), {self.dtype} on "
             f"{self.device}, {self.threads} threads",
-            f"{'model':<28}{'params':>14}{'GFLOPs':>10}{'forward ms':>20}{'gen tok/s':>12}",
         ]
+        width = max(28, *(len(cost.name) + 2 for cost in self.models))  # full names: paths differ at the end
+        lines.append(f"{'model':<{width}}{'params':>14}{'GFLOPs':>10}{'forward ms':>20}{'gen tok/s':>12}")
         for cost in self.models:
             rate = f"{cost.tokens_per_s:.1f}" if cost.tokens_per_s is not None else "-"
             lines.append(
-                f"{cost.name[-28:]:<28}{cost.params:>14,}{cost.flops / 1e9:>10.3f}"
+                f"{cost.name:<{width}}{cost.params:>14,}{cost.flops / 1e9:>10.3f}"
                 f"{f'{cost.forward_median_ms:.2f} ({cost.forward_iqr_ms:.2f})':>20}{rate:>12}"
             )
         for name, ratio in self.ratios().items():
