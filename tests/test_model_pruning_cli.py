@@ -90,3 +90,16 @@ def test_unmerged_adapter_is_saved_beside_the_shrunk_base(tiny_model_dir, text_f
         without = tuned(input_ids=ids).logits
     with torch.no_grad():  # the LoRA adapter is trained, not a no-op
         assert not torch.allclose(tuned(input_ids=ids).logits, without)
+
+
+def test_the_documented_loraprune_command_line(tiny_model_dir, text_file, tmp_path):
+    """`prune-model --method loraprune --sparsity S --steps N --data FILE --output DIR`, as the README writes it."""
+    out = tmp_path / "lp"
+    code = main(["prune-model", "--model", str(tiny_model_dir), "--method", "loraprune", "--sparsity", "0.25",
+                 "--steps", "4", "--prune-every", "1", "--data", str(text_file), "--output", str(out),
+                 "--seq-len", "16", "--batch-size", "2"])
+    assert code == 0
+    report = json.loads((out / "loraprune_report.json").read_text())
+    assert report["sparsity_decoder"] == pytest.approx(0.25, abs=0.01)
+    assert str(text_file) in json.dumps(report)  # --data is the training text
+    load_model(str(out))

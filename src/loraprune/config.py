@@ -17,9 +17,10 @@ from loraprune.errors import ConfigError
 T = TypeVar("T")
 
 
-def option(default: Any, help: str, *, choices: tuple | None = None, cli: bool = True, **kwargs: Any) -> Any:
-    """A dataclass field with help text (and optional choices) for the generated command line."""
-    metadata = {"help": help, "choices": choices, "cli": cli}
+def option(default: Any, help: str, *, choices: tuple | None = None, cli: bool = True,
+           aliases: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    """A dataclass field with help text (and optional choices / extra flag names) for the command line."""
+    metadata = {"help": help, "choices": choices, "cli": cli, "aliases": aliases}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
@@ -46,12 +47,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip:
     for field in dataclasses.fields(cls):
         if field.name in skip or not field.metadata.get("cli", True):
             continue
-        flag = "--" + field.name.replace("_", "-")
+        flags = ["--" + field.name.replace("_", "-"), *field.metadata.get("aliases", ())]
         base, _optional = _base_type(hints[field.name])
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         help_text = field.metadata.get("help", "")
         if base is bool:
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=default,
+            parser.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
             continue
         kwargs: dict[str, Any] = {"dest": field.name, "default": default, "help": help_text + " (default: %(default)s)"}
@@ -62,7 +63,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip:
             kwargs["type"] = typing.get_args(base)[0]
         elif base in (int, float, str):
             kwargs["type"] = base
-        parser.add_argument(flag, **kwargs)
+        parser.add_argument(*flags, **kwargs)
 
 
 def dataclass_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
@@ -116,7 +117,8 @@ class PruneModelConfig:
     )
     layers: str = option("all", help="prunable decoder layers, e.g. 'all', '4-27', '0,2,5-7' (ends inclusive)")
     calibration_data: str = option(
-        "wikitext2", help="text for data-driven criteria and LoRA training: corpus name or text file"
+        "wikitext2", help="text for data-driven criteria and LoRA training: corpus name or text file",
+        aliases=("--data",),
     )
     calibration_samples: int = option(16, help="number of calibration windows for one-shot criteria")
     seq_len: int = option(128, help="tokens per calibration / training window")
