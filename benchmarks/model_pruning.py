@@ -337,6 +337,13 @@ def markdown(results: dict[str, Any]) -> str:
               f"{results['step_time']['median_seconds']['lora']:.2f} s = **{results['step_time']['ratio']:.3f}x**"
               + (f"; the scoring itself (`observe`) takes {results['step_time']['scoring_share']:.1%} of a plain step."
                  if "scoring_share" in results["step_time"] else "."),
+              *([] if "resumed" not in results else [
+                  "", "This benchmark was resumed (`" + results["resumed"]["command"] + "`): rows ran at different "
+                  "times under different loads of a shared 2-core machine, so the run-time column compares runs "
+                  "that did not run side by side; the interleaved step time above is the fair overhead measure."]),
+              "", "Memory: on a CPU the peak RSS of a whole step is dominated by activations and the logits, "
+              "so the LoRAPrune step and Taylor's scoring pass are close; the scoring itself adds a few MiB "
+              "to the LoRA step. Exact GPU figures (incl. a 1B shape): `memory_options_h100.md`.",
               "", "## Goals", ""]
     lines += [f"- {goal['goal']}: **{'met' if goal['met'] else 'not met'}** ({goal['detail']})"
               for goal in results["goals"]]
