@@ -1,7 +1,9 @@
 """PrunedLoRA: train an over-parameterised LoRA adapter and prune its rank (design §1.2).
 
 Modules, one job each: `config` (options), `obs` (score and recovery update, pure maths),
-`schedule` (when and how much), `state` (masks and curvature statistics), `pruner` (the loop as
+`criteria` (the other component scores: magnitude, taylor, wanda, sparsegpt), `activations`
+(input statistics those need), `schedule` (when and how much), `state` (masks and curvature
+statistics), `pruner` (the loop as
 plain methods), `callback` (the same inside `transformers.Trainer`), `export` (a physically
 small standard PEFT adapter), `adalora` (the AdaLoRA baseline), `api` (all methods in one harness).
 """

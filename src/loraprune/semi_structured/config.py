@@ -28,7 +28,8 @@ class PruneNMConfig:
     pattern: str = option("2:4", help="keep N of every M consecutive input weights of each projection row")
     layers: str = option("all", help="decoder layers whose attention+MLP projections get the pattern ('all', '4-27')")
     calibration_data: str = option(
-        "wikitext2", help="text for calibration (wanda, sparsegpt) and LoRA training: corpus name or text file"
+        "wikitext2", help="text for calibration (wanda, sparsegpt) and LoRA training: corpus name or text file",
+        aliases=("--data",),
     )
     calibration_samples: int = option(128, help="calibration windows for wanda and sparsegpt")
     seq_len: int = option(128, help="tokens per calibration / training window")
