@@ -50,10 +50,14 @@ class PruneResult:
     report: dict[str, Any]
 
 
-def _perplexity(model: nn.Module, tokenizer: Any, config: PruneModelConfig, label: str) -> dict[str, Any] | None:
+def requested_perplexity(model: nn.Module, tokenizer: Any, config: Any, label: str) -> dict[str, Any] | None:
+    """Perplexity on `config.eval_data` (None when no evaluation was asked for), logged with `label`.
+
+    `config` is any run config with `eval_data`, `eval_seq_len`, `eval_max_tokens` and `model`.
+    """
     if not config.eval_data:
         return None
-    logger.info("perplexity %s pruning on %s (seq_len %d)", label, config.eval_data, config.eval_seq_len)
+    logger.info("perplexity %s on %s (seq_len %d)", label, config.eval_data, config.eval_seq_len)
     result = evaluate_perplexity(
         model, tokenizer, config.eval_data, seq_len=config.eval_seq_len, max_tokens=config.eval_max_tokens,
         model_name=config.model,
@@ -104,7 +108,7 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
         )
     before = size_summary(model)
     layers_before = layer_table(model)
-    perplexity_before = _perplexity(model, tokenizer, config, "before")
+    perplexity_before = requested_perplexity(model, tokenizer, config, "before pruning")
 
     started = time.perf_counter()
     training: LoraRun | None = None
@@ -124,7 +128,7 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
         model = training.model.merge_and_unload() if config.merge_adapter else training.model
     prune_seconds = time.perf_counter() - started
 
-    perplexity_after = _perplexity(model, tokenizer, config, "after")
+    perplexity_after = requested_perplexity(model, tokenizer, config, "after pruning")
     adapter_staging = tempfile.TemporaryDirectory(prefix="loraprune-adapter-")
     extra_dirs = {}
     if training is not None and not config.merge_adapter:

@@ -71,3 +71,8 @@ def pruning_report(before: dict[str, Any], model: nn.Module, **extra: Any) -> di
         **extra,
         "environment": environment(),
     }
+
+
+def format_perplexity(result: dict[str, Any] | None) -> str:
+    """A report's perplexity entry for the console ('not evaluated' when none was asked for)."""
+    return "not evaluated" if result is None else f"{result['perplexity']:.3f}"

@@ -44,14 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _format_perplexity(result: dict | None) -> str:
-    return "not evaluated" if result is None else f"{result['perplexity']:.3f}"
-
-
 def run(args: argparse.Namespace) -> int:
     from loraprune.api import prune_model
     from loraprune.distributed import is_main_process
     from loraprune.model_pruning.run import METHODS
+    from loraprune.report import format_perplexity
 
     config = dataclass_from_args(PruneModelConfig, args)
     if config.method not in METHODS:
@@ -71,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
           f"({report['sparsity_decoder']:.2%} removed, the --sparsity target)")
     if report["perplexity_before"] is not None:
         settings = report["perplexity_before"]
-        print(f"perplexity        {_format_perplexity(report['perplexity_before'])} -> "
-              f"{_format_perplexity(report['perplexity_after'])} ({settings['data']}, seq_len {settings['seq_len']}, "
+        print(f"perplexity        {format_perplexity(report['perplexity_before'])} -> "
+              f"{format_perplexity(report['perplexity_after'])} ({settings['data']}, seq_len {settings['seq_len']}, "
               f"{settings['tokens']:,} tokens, {settings['dtype']})")
     if report["training"] is not None:
         training = report["training"]

@@ -43,11 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _format_perplexity(result: dict | None) -> str:
-    return "not evaluated" if result is None else f"{result['perplexity']:.3f}"
-
-
 def run(args: argparse.Namespace) -> int:
+    from loraprune.report import format_perplexity
     from loraprune.semi_structured import prune_nm
     from loraprune.semi_structured.config import PruneNMConfig
 
@@ -60,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
     if report["perplexity_before"] is not None:
         settings = report["perplexity_before"]
         one_shot = report["perplexity_one_shot"]
-        middle = f" -> {_format_perplexity(one_shot)} (one-shot)" if one_shot is not None else ""
-        print(f"perplexity        {_format_perplexity(settings)}{middle} -> "
-              f"{_format_perplexity(report['perplexity_after'])} ({settings['data']}, seq_len {settings['seq_len']}, "
+        middle = f" -> {format_perplexity(one_shot)} (one-shot)" if one_shot is not None else ""
+        print(f"perplexity        {format_perplexity(settings)}{middle} -> "
+              f"{format_perplexity(report['perplexity_after'])} ({settings['data']}, seq_len {settings['seq_len']}, "
               f"{settings['tokens']:,} tokens, {settings['dtype']})")
     if report["training"] is not None:
         training = report["training"]

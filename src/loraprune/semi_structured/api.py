@@ -5,15 +5,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 
+from loraprune.api import PruneResult, requested_perplexity
 from loraprune.data import calibration_batches, load_text
-from loraprune.evaluation.perplexity import evaluate_perplexity
 from loraprune.io import check_output_dir, save_pruned_model, write_json
 from loraprune.model_pruning.config import LoRAPruneConfig
 from loraprune.model_pruning.run import LoraSettings, training_windows
@@ -29,24 +25,7 @@ logger = logging.getLogger(__name__)
 REPORT_FILE = "loraprune_report.json"
 
 
-@dataclass
-class NMResult:
-    """The N:M model (in memory, merged), where it was written, and its report."""
-
-    model: nn.Module
-    tokenizer: Any
-    output: Path
-    report: dict[str, Any]
-
-
-def _perplexity(model: nn.Module, tokenizer: Any, config: PruneNMConfig, label: str) -> dict[str, Any] | None:
-    if not config.eval_data:
-        return None
-    logger.info("perplexity %s on %s (seq_len %d)", label, config.eval_data, config.eval_seq_len)
-    result = evaluate_perplexity(model, tokenizer, config.eval_data, seq_len=config.eval_seq_len,
-                                 max_tokens=config.eval_max_tokens, model_name=config.model)
-    logger.info("%s", result)
-    return result.to_dict()
+NMResult = PruneResult  # the N:M model (in memory, merged), where it was written, and its report
 
 
 def prune_nm(config: PruneNMConfig, schedule: LoRAPruneConfig | None = None) -> NMResult:
@@ -73,7 +52,7 @@ def prune_nm(config: PruneNMConfig, schedule: LoRAPruneConfig | None = None) -> 
         batches = calibration_batches(tokenizer, config.calibration_data, config.calibration_samples,
                                       config.seq_len, config.seed)
     before = size_summary(model)
-    perplexity_before = _perplexity(model, tokenizer, config, "before")
+    perplexity_before = requested_perplexity(model, tokenizer, config, "before")
 
     started = time.perf_counter()
     training, perplexity_one_shot = None, None
@@ -84,7 +63,7 @@ def prune_nm(config: PruneNMConfig, schedule: LoRAPruneConfig | None = None) -> 
         masks = prune_one_shot(model, config.method, pattern, modules, batches, batch_size=config.batch_size,
                                block_size=config.sparsegpt_block_size, damp=config.sparsegpt_damp)
         if config.steps:
-            perplexity_one_shot = _perplexity(model, tokenizer, config, "after one-shot pruning")
+            perplexity_one_shot = requested_perplexity(model, tokenizer, config, "after one-shot pruning")
             model, run = masked_recovery(model, masks, windows, lora)
             training = run.summary
     prune_seconds = time.perf_counter() - started
@@ -100,7 +79,7 @@ def prune_nm(config: PruneNMConfig, schedule: LoRAPruneConfig | None = None) -> 
         "decoder_params": before["decoder_params"],
         "perplexity_before": perplexity_before,
         "perplexity_one_shot": perplexity_one_shot,
-        "perplexity_after": _perplexity(model, tokenizer, config, "after"),
+        "perplexity_after": requested_perplexity(model, tokenizer, config, "after"),
         "prune_seconds": prune_seconds,
         "training": training,
         "settings": dataclasses.asdict(config),
