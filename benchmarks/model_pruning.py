@@ -50,12 +50,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, default_data_collator
+from transformers import default_data_collator
 
 from loraprune.api import prune_model
 from loraprune.config import PruneModelConfig
 from loraprune.data import calibration_batches
-from loraprune.evaluation.latency import measure_latency
+from loraprune.evaluation.latency import measure_latency, model_with_widths
 from loraprune.evaluation.perplexity import evaluate_perplexity
 from loraprune.importance import get_criterion
 from loraprune.io import save_pruned_model, write_json
@@ -65,7 +65,6 @@ from loraprune.model_pruning.run import METHODS, LoraSettings, train_lora, train
 from loraprune.models import load_model
 from loraprune.report import count_parameters, directory_size, environment
 from loraprune.structure import get_adapter
-from loraprune.structure.base import LayerSizes
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LORAPRUNE_DATA_DIR") or ROOT.parent / "shared" / "data")
@@ -376,14 +375,6 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def shaped_model(dense: torch.nn.Module, layers: list[dict[str, int]]) -> torch.nn.Module:
-    """A randomly initialised model with the per-layer widths of a pruned run (for latency only)."""
-    sizes = [LayerSizes(row["heads"], row["kv_heads"], row["channels"]) for row in layers]
-    config, _ = get_adapter(dense).config_for_sizes(dense, sizes)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=dense.dtype).eval()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.probe_memory:
@@ -431,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["rows"].append(run_method(args, *planned[name], Path(scratch)))
                 save()
     dense, _ = load_model(args.model)
-    shaped = {f"{row['method']}-{row['sparsity']:g}": shaped_model(dense, row["layers"])
+    shaped = {f"{row['method']}-{row['sparsity']:g}": model_with_widths(dense, row["layers"])
               for row in results["rows"] if "layers" in row}
     latency = measure_latency({"dense": dense, **shaped}, batch_size=args.latency_batch,
                               seq_len=args.seq_len, repeats=args.latency_repeats, gen_tokens=0, seed=args.seed)

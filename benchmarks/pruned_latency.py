@@ -23,12 +23,10 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from loraprune.evaluation.latency import measure_latency
+from loraprune.evaluation.latency import measure_latency, model_with_widths
 from loraprune.io import write_json
 from loraprune.models import parse_dtype
 from loraprune.report import environment
-from loraprune.structure import get_adapter
-from loraprune.structure.base import LayerSizes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,9 +60,7 @@ def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     for row in rows:
         if "layers" not in row or (args.sparsity is not None and row["sparsity"] != args.sparsity):
             continue
-        sizes = [LayerSizes(r["heads"], r["kv_heads"], r["channels"]) for r in row["layers"]]
-        pruned_config, _ = get_adapter(dense).config_for_sizes(dense, sizes)
-        models[f"{row['method']}-{row['sparsity']:g}"] = AutoModelForCausalLM.from_config(pruned_config, dtype=dtype)
+        models[f"{row['method']}-{row['sparsity']:g}"] = model_with_widths(dense, row["layers"])
     return {name: model.to(args.device).eval() for name, model in models.items()}
 
 

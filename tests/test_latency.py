@@ -16,6 +16,7 @@ from conftest import build_tiny_llama
 from loraprune.cli import main
 from loraprune.errors import ConfigError
 from loraprune.evaluation import EvalConfig, LatencyResult, ModelCost, forward_flops, measure_latency
+from loraprune.evaluation.latency import model_with_widths
 from loraprune.models import load_model
 from loraprune.report import count_parameters, layer_table
 
@@ -54,6 +55,11 @@ def test_pruned_model_has_fewer_flops_counted_from_its_own_widths(tiny_model_dir
     assert widths != layer_table(dense)
     assert forward_flops(pruned, 32) == hand_flops(widths, 32, 1)
     assert forward_flops(pruned, 32) < forward_flops(dense, 32)
+    # rebuilt at the pruned widths from the report alone: same shapes, so the same cost
+    rebuilt = model_with_widths(dense, json.loads((out / "loraprune_report.json").read_text())["layers"])
+    assert layer_table(rebuilt) == widths
+    assert count_parameters(rebuilt) == count_parameters(pruned)
+    assert forward_flops(rebuilt, 32) == forward_flops(pruned, 32)
 
 
 def test_unmerged_lora_layers_count_as_the_linear_layers_they_are(tiny_llama):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from loraprune.errors import LoraPruneError
 from loraprune.report import count_parameters
 from loraprune.structure import get_adapter, unwrap_model
+from loraprune.structure.base import LayerSizes
 
 
 def forward_flops(model: nn.Module, seq_len: int, batch_size: int = 1) -> int:
@@ -144,6 +145,22 @@ class LatencyResult:
             parts = [f"{key} {value:.3f}" for key, value in ratio.items() if value is not None]
             lines.append(f"{name} / {self.reference.name}: " + ", ".join(parts))
         return "\n".join(lines)
+
+
+def model_with_widths(model: nn.Module, layers: Sequence[Mapping[str, int]], seed: int = 0) -> nn.Module:
+    """A randomly initialised model of `model`'s architecture and dtype with the per-layer widths `layers`.
+
+    `layers` are rows as in `loraprune.report.layer_table` (`heads`, `kv_heads`, `channels`), e.g.
+    a pruning report's. Forward cost depends on the widths only, so this measures a pruned shape's
+    latency where its weights are not at hand (a resumed benchmark, another machine).
+    """
+    from transformers import AutoModelForCausalLM
+
+    root = unwrap_model(model)
+    sizes = [LayerSizes(row["heads"], row["kv_heads"], row["channels"]) for row in layers]
+    config, _ = get_adapter(root).config_for_sizes(root, sizes)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=root.dtype).eval()
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -98,14 +98,19 @@ def sparsity_against_step(events: Sequence[Mapping[str, Any]], schedule: Mapping
     axis.step([s for s, _ in reached] + [cubic.total_steps], [v for _, v in reached] + [reached[-1][1]],
               where="post", color=KEPT, label="removed (pruning events)")
     axis.plot([s for s, _ in reached[1:]], [v for _, v in reached[1:]], "o", color=KEPT, markersize=4)
+    _label_budget_axis(axis, "decoder attn+MLP params removed (%)", "Sparsity against step", "lower right")
+    return figure
+
+
+def _label_budget_axis(axis: Any, ylabel: str, title: str, legend_loc: str) -> None:
+    """The common dressing of a budget-against-step plot: integer steps, zero-based values, grid, legend."""
     axis.set_xlabel("optimizer step")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.set_ylabel("decoder attn+MLP params removed (%)")
-    axis.set_title("Sparsity against step")
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
     axis.set_ylim(bottom=0)
     axis.grid(alpha=0.3)
-    axis.legend(loc="lower right", fontsize=8)
-    return figure
+    axis.legend(loc=legend_loc, fontsize=8)
 
 
 def rank_against_step(events: Sequence[Mapping[str, Any]], planned: Sequence[tuple[int, int]], start_rank: int,
@@ -122,13 +127,7 @@ def rank_against_step(events: Sequence[Mapping[str, Any]], planned: Sequence[tup
               color=KEPT, label="reached (pruning events)")
     axis.plot([s for s, _ in reached[1:]], [r for _, r in reached[1:]], "o", color=KEPT, markersize=4)
     axis.axhline(target_rank, color="grey", linewidth=0.8, linestyle=":", label=f"target {target_rank:,}")
-    axis.set_xlabel("optimizer step")
-    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.set_ylabel("total LoRA rank (all modules)")
-    axis.set_title("Rank budget against step")
-    axis.set_ylim(bottom=0)
-    axis.grid(alpha=0.3)
-    axis.legend(loc="upper right", fontsize=8)
+    _label_budget_axis(axis, "total LoRA rank (all modules)", "Rank budget against step", "upper right")
     return figure
 
 
