@@ -148,11 +148,14 @@ def test_point_ids_depend_on_the_settings_only():
 def test_example_specs_are_valid(path):
     spec = load_spec(path)
     expected = {"rank_criteria.yaml": 40, "prunedlora_alpha.yaml": 4, "prunedlora_schedule.yaml": 9,
-                "loraprune_ema.yaml": 4, "loraprune_prune_every.yaml": 3, "rank_criteria_quick.yaml": 5}
+                "loraprune_ema.yaml": 4, "loraprune_prune_every.yaml": 3, "rank_criteria_quick.yaml": 5,
+                "rank_criteria_r64_cpu.yaml": 20, "rank_criteria_r256_cpu.yaml": 20,
+                "prunedlora_alpha_cpu.yaml": 4, "prunedlora_schedule_cpu.yaml": 9,
+                "loraprune_ema_cpu.yaml": 4, "loraprune_prune_every_cpu.yaml": 3}
     assert len(spec.points) == expected[path.name]
-    # full studies write under sweeps/; the quick one is committed with the benchmark results
+    # full studies write under sweeps/; the CPU-sized ones are committed with the benchmark results
     assert str(spec.output) in (f"sweeps/{spec.name}", f"benchmarks/results/sweep-{spec.name}")
-    if path.name in ("rank_criteria.yaml", "rank_criteria_quick.yaml"):  # every criterion RankPruningConfig takes
+    if path.name.startswith("rank_criteria"):  # every criterion RankPruningConfig takes
         assert {point.configs["rank_pruning"].criterion for point in spec.points} == set(CRITERIA)
 
 
