@@ -65,8 +65,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--r0", type=int, nargs="+", default=[32, 128], help="initial ranks")
     parser.add_argument("--rank", type=int, default=8, help="final rank")
-    parser.add_argument("--schedules", nargs="+", default=["per_module", "global"],
-                        choices=["per_module", "global"], help="PrunedLoRA schedules to run")
+    parser.add_argument(
+        "--schedules",
+        nargs="+",
+        default=["per_module", "global"],
+        choices=["per_module", "global"],
+        help="PrunedLoRA schedules to run",
+    )
     parser.add_argument("--runs", nargs="*", default=None, help="run only these run names (default: all)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -74,8 +79,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prune-every", type=int, default=10, help="K1 (and AdaLoRA's deltaT)")
     parser.add_argument("--per-event", type=int, default=2, help="K2 of the per-module schedule")
-    parser.add_argument("--compensate", nargs="+", default=["auto"], choices=("auto", "b", "a", "both"),
-                        help="PrunedLoRA recovery-update variants to run (runs other than auto get a -VARIANT suffix)")
+    parser.add_argument(
+        "--compensate",
+        nargs="+",
+        default=["auto"],
+        choices=("auto", "b", "a", "both"),
+        help="PrunedLoRA recovery-update variants to run (runs other than auto get a -VARIANT suffix)",
+    )
     parser.add_argument("--max-answer-tokens", type=int, default=256)
     parser.add_argument("--nll-problems", type=int, default=64)
     parser.add_argument("--em-problems", type=int, default=32)
@@ -85,9 +95,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--output-prefix", default=str(REPO_ROOT / "benchmarks" / "results" / "adapter_pruning"))
     parser.add_argument("--fresh", action="store_true", help="discard earlier runs in the JSON instead of merging")
-    parser.add_argument("--step-time", type=int, default=0, metavar="STEPS",
-                        help="instead of the runs: time STEPS optimizer steps of LoRA at r0 and of PrunedLoRA "
-                        "(per-step scoring and its pruning events included), interleaved in one process, per r0")
+    parser.add_argument(
+        "--step-time",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="instead of the runs: time STEPS optimizer steps of LoRA at r0 and of PrunedLoRA "
+        "(per-step scoring and its pruning events included), interleaved in one process, per r0",
+    )
     return parser.parse_args(argv)
 
 
@@ -101,12 +116,29 @@ def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     for r0 in args.r0:
         runs.append({"name": f"lora-r{r0}", "method": "lora-r0", "r0": r0, "schedule": "per_module"})
         if "per_module" in args.schedules:
-            runs += [{"name": f"prunedlora-{r0}to{args.rank}{_variant(c)}", "method": "prunedlora", "r0": r0,
-                      "schedule": "per_module", "compensate": c} for c in args.compensate]
+            runs += [
+                {
+                    "name": f"prunedlora-{r0}to{args.rank}{_variant(c)}",
+                    "method": "prunedlora",
+                    "r0": r0,
+                    "schedule": "per_module",
+                    "compensate": c,
+                }
+                for c in args.compensate
+            ]
         runs.append({"name": f"adalora-{r0}to{args.rank}", "method": "adalora", "r0": r0, "schedule": "global"})
     if "global" in args.schedules:
-        runs += [{"name": f"prunedlora-{r0}to{args.rank}-global{_variant(c)}", "method": "prunedlora", "r0": r0,
-                  "schedule": "global", "compensate": c} for r0 in args.r0 for c in args.compensate]
+        runs += [
+            {
+                "name": f"prunedlora-{r0}to{args.rank}-global{_variant(c)}",
+                "method": "prunedlora",
+                "r0": r0,
+                "schedule": "global",
+                "compensate": c,
+            }
+            for r0 in args.r0
+            for c in args.compensate
+        ]
     return [run for run in runs if args.runs is None or run["name"] in args.runs]
 
 
@@ -114,34 +146,53 @@ def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def greedy_exact_match(model: torch.nn.Module, tokenizer: Any, records: list, max_new_tokens: int,
-                       batch_size: int) -> dict[str, Any]:
+def greedy_exact_match(
+    model: torch.nn.Module, tokenizer: Any, records: list, max_new_tokens: int, batch_size: int
+) -> dict[str, Any]:
     """Greedy decoding (left-padded batches), exact match of the final number after `####`."""
     tokenizer.padding_side = "left"
     correct, outputs = 0, []
     for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        encoded = tokenizer([format_prompt(r.question) for r in chunk], return_tensors="pt", padding=True,
-                            add_special_tokens=False)
-        generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+        chunk = records[start : start + batch_size]
+        encoded = tokenizer(
+            [format_prompt(r.question) for r in chunk], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        generated = model.generate(
+            **encoded,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
         for record, text in zip(chunk, texts):
             predicted, expected = final_answer(text), final_answer(record.answer)
             correct += int(predicted is not None and predicted == expected)
             outputs.append({"predicted": predicted, "expected": expected})
-    return {"exact_match": correct / len(records), "correct": correct, "problems": len(records),
-            "with_final_number": sum(o["predicted"] is not None for o in outputs)}
+    return {
+        "exact_match": correct / len(records),
+        "correct": correct,
+        "problems": len(records),
+        "with_final_number": sum(o["predicted"] is not None for o in outputs),
+    }
 
 
 def evaluate(model: torch.nn.Module, tokenizer: Any, test: dict[str, Any], args: argparse.Namespace) -> dict:
     model.eval()
     started = time.perf_counter()
     result = {"test_nll": answer_nll(model, test["nll_examples"], tokenizer.pad_token_id, args.eval_batch_size)}
-    result["gsm8k_greedy"] = greedy_exact_match(model, tokenizer, test["em_records"], args.max_new_tokens,
-                                                args.eval_batch_size)
-    ppl = evaluate_perplexity(model, tokenizer, str(data_root() / "wikitext2" / "wiki.test.raw"), seq_len=128,
-                              max_tokens=args.ppl_tokens, batch_size=args.eval_batch_size, progress=False)
+    result["gsm8k_greedy"] = greedy_exact_match(
+        model, tokenizer, test["em_records"], args.max_new_tokens, args.eval_batch_size
+    )
+    ppl = evaluate_perplexity(
+        model,
+        tokenizer,
+        str(data_root() / "wikitext2" / "wiki.test.raw"),
+        seq_len=128,
+        max_tokens=args.ppl_tokens,
+        batch_size=args.eval_batch_size,
+        progress=False,
+    )
     result["wikitext2"] = {"perplexity": ppl.perplexity, "tokens": ppl.tokens, "seq_len": ppl.seq_len}
     result["eval_seconds"] = time.perf_counter() - started
     return result
@@ -153,11 +204,21 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, test: dict[str, Any], args:
 def run_one(spec: dict[str, Any], args: argparse.Namespace, train_set: list, test: dict) -> dict[str, Any]:
     model, tokenizer = load_model(args.model)
     collator = SFTCollator(tokenizer.pad_token_id)
-    pruning = RankPruningConfig(r0=spec["r0"], rank=args.rank, schedule=spec["schedule"],
-                                prune_every=args.prune_every, per_event=args.per_event,
-                                compensate=spec.get("compensate", "auto"))
-    training = TrainingConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                              seed=args.seed, logging_steps=max(1, args.steps // 10))
+    pruning = RankPruningConfig(
+        r0=spec["r0"],
+        rank=args.rank,
+        schedule=spec["schedule"],
+        prune_every=args.prune_every,
+        per_event=args.per_event,
+        compensate=spec.get("compensate", "auto"),
+    )
+    training = TrainingConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        logging_steps=max(1, args.steps // 10),
+    )
     run = train_adapter(model, train_set, collator, spec["method"], pruning, training)
     with tempfile.TemporaryDirectory() as scratch:
         exported = save_adapter(run, Path(scratch) / "adapter", model.name_or_path)
@@ -194,12 +255,13 @@ def step_times(args: argparse.Namespace, train_set: list, r0: int) -> dict[str, 
     for name in ("lora-r0", "prunedlora"):
         torch.manual_seed(args.seed)
         models[name] = add_lora(copy.deepcopy(base), r0, config.lora_alpha, config.target_modules)
-        optimizers[name] = torch.optim.AdamW([p for p in models[name].parameters() if p.requires_grad],
-                                             lr=args.learning_rate)
+        optimizers[name] = torch.optim.AdamW(
+            [p for p in models[name].parameters() if p.requires_grad], lr=args.learning_rate
+        )
     pruner = RankPruner(models["prunedlora"], config, args.step_time)
     seconds: dict[str, list[float]] = {name: [] for name in models}
     for step in tqdm(range(1, args.step_time + 1), desc=f"step time r0={r0}"):
-        batch = collator(train_set[(step - 1) * args.batch_size: step * args.batch_size])
+        batch = collator(train_set[(step - 1) * args.batch_size : step * args.batch_size])
         order = list(models) if step % 2 else list(reversed(models))
         for name in order:
             started = time.perf_counter()
@@ -212,19 +274,28 @@ def step_times(args: argparse.Namespace, train_set: list, r0: int) -> dict[str, 
             optimizers[name].zero_grad()
             seconds[name].append(time.perf_counter() - started)
     totals = {name: sum(values) for name, values in seconds.items()}
-    return {"r0": r0, "rank": args.rank, "steps": args.step_time, "batch_size": args.batch_size,
-            "pruning_events": [event.step for event in pruner.history],
-            "final_total_rank": sum(pruner.ranks().values()),
-            "seconds": seconds, "total_seconds": totals, "ratio": totals["prunedlora"] / totals["lora-r0"],
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "r0": r0,
+        "rank": args.rank,
+        "steps": args.step_time,
+        "batch_size": args.batch_size,
+        "pruning_events": [event.step for event in pruner.history],
+        "final_total_rank": sum(pruner.ranks().values()),
+        "seconds": seconds,
+        "total_seconds": totals,
+        "ratio": totals["prunedlora"] / totals["lora-r0"],
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def load_test_sets(tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
     path = data_root() / "gsm8k" / "test.jsonl"
     records = load_sft_records(str(path), split="test", limit=max(args.nll_problems, args.em_problems))
-    return {"path": str(path), "nll_examples": tokenize_sft(records[: args.nll_problems], tokenizer,
-                                                            args.max_answer_tokens),
-            "em_records": records[: args.em_problems]}
+    return {
+        "path": str(path),
+        "nll_examples": tokenize_sft(records[: args.nll_problems], tokenizer, args.max_answer_tokens),
+        "em_records": records[: args.em_problems],
+    }
 
 
 def with_relative_times(results: dict[str, Any]) -> None:
@@ -247,14 +318,17 @@ def goals(results: dict[str, Any], rank: int) -> list[dict[str, Any]]:
         adalora = runs.get(f"adalora-{run['r0']}to{rank}")
         step = results.get("step_time", {}).get(str(run["r0"]))  # interleaved: fair on a loaded machine
         time_ratio = step["ratio"] if step else run["time_vs_lora_r0"]
-        out.append({
-            "run": name,
-            "nll_below_lora_r": None if lora_r is None else nll < lora_r["test_nll"]["nll"],
-            "nll_below_adalora": None if adalora is None else nll < adalora["test_nll"]["nll"],
-            "nll_within_2pct_of_lora_r0": None if lora_r0 is None else nll <= 1.02 * lora_r0["test_nll"]["nll"],
-            "time_ratio": time_ratio, "time_measured_by": "interleaved steps" if step else "whole runs",
-            "time_at_most_1.25x_lora_r0": None if time_ratio is None else time_ratio <= 1.25,
-        })
+        out.append(
+            {
+                "run": name,
+                "nll_below_lora_r": None if lora_r is None else nll < lora_r["test_nll"]["nll"],
+                "nll_below_adalora": None if adalora is None else nll < adalora["test_nll"]["nll"],
+                "nll_within_2pct_of_lora_r0": None if lora_r0 is None else nll <= 1.02 * lora_r0["test_nll"]["nll"],
+                "time_ratio": time_ratio,
+                "time_measured_by": "interleaved steps" if step else "whole runs",
+                "time_at_most_1.25x_lora_r0": None if time_ratio is None else time_ratio <= 1.25,
+            }
+        )
     return out
 
 
@@ -318,22 +392,37 @@ def markdown(results: dict[str, Any]) -> str:
             f"{r['wikitext2']['perplexity']:.2f} | {r['adapter_parameters']:,} | "
             f"{r['adapter_file_bytes'] / 2**20:.2f} | {r['seconds_per_step']:.2f} | {rel} |"
         )
-    lines += ["", "## Goals", "", "| PrunedLoRA run | NLL < LoRA r | NLL < AdaLoRA | NLL within 2 % of LoRA r0 | "
-              "time <= 1.25x LoRA r0 |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Goals",
+        "",
+        "| PrunedLoRA run | NLL < LoRA r | NLL < AdaLoRA | NLL within 2 % of LoRA r0 | time <= 1.25x LoRA r0 |",
+        "|---|---|---|---|---|",
+    ]
     mark = {True: "met", False: "**not met**", None: "n/a"}
     for goal in results["goals"]:
-        lines.append(f"| {goal['run']} | {mark[goal['nll_below_lora_r']]} | {mark[goal['nll_below_adalora']]} | "
-                     f"{mark[goal['nll_within_2pct_of_lora_r0']]} | {mark[goal['time_at_most_1.25x_lora_r0']]} |")
+        lines.append(
+            f"| {goal['run']} | {mark[goal['nll_below_lora_r']]} | {mark[goal['nll_below_adalora']]} | "
+            f"{mark[goal['nll_within_2pct_of_lora_r0']]} | {mark[goal['time_at_most_1.25x_lora_r0']]} |"
+        )
     if results.get("step_time"):
-        lines += ["", "## Training time", "",
-                  "LoRA at r0 and PrunedLoRA (its per-step statistics and pruning events included) on the same "
-                  "batches in one process, the order alternating every step (`--step-time STEPS`); the goal uses "
-                  "this ratio, since the whole runs above ran at different times on a shared machine.", "",
-                  "| r0 | steps | pruning events at | LoRA r0 s | PrunedLoRA s | ratio |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Training time",
+            "",
+            "LoRA at r0 and PrunedLoRA (its per-step statistics and pruning events included) on the same "
+            "batches in one process, the order alternating every step (`--step-time STEPS`); the goal uses "
+            "this ratio, since the whole runs above ran at different times on a shared machine.",
+            "",
+            "| r0 | steps | pruning events at | LoRA r0 s | PrunedLoRA s | ratio |",
+            "|---|---|---|---|---|---|",
+        ]
         for r0, step in results["step_time"].items():
-            lines.append(f"| {r0} | {step['steps']} | {', '.join(map(str, step['pruning_events']))} | "
-                         f"{step['total_seconds']['lora-r0']:.1f} | {step['total_seconds']['prunedlora']:.1f} | "
-                         f"{step['ratio']:.3f}x |")
+            lines.append(
+                f"| {r0} | {step['steps']} | {', '.join(map(str, step['pruning_events']))} | "
+                f"{step['total_seconds']['lora-r0']:.1f} | {step['total_seconds']['prunedlora']:.1f} | "
+                f"{step['ratio']:.3f}x |"
+            )
     lines += ["", f"![final ranks]({Path(results['heatmap']).name})", ""]
     if results.get("notes"):
         lines += ["## Notes", "", *results["notes"], ""]
@@ -354,18 +443,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = previous or {
         "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0])), *sys.argv[1:]]),
         "settings": settings,
-        "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
-                        "peft": peft.__version__, "python": platform.python_version(),
-                        "device": "cuda" if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
-                        "torch_threads": torch.get_num_threads()},
-        "data": {"train": str(data_root() / "gsm8k" / "train.jsonl"),
-                 "test": str(data_root() / "gsm8k" / "test.jsonl"),
-                 "wikitext2": str(data_root() / "wikitext2" / "wiki.test.raw")},
+        "environment": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "python": platform.python_version(),
+            "device": "cuda" if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
+            "torch_threads": torch.get_num_threads(),
+        },
+        "data": {
+            "train": str(data_root() / "gsm8k" / "train.jsonl"),
+            "test": str(data_root() / "gsm8k" / "test.jsonl"),
+            "wikitext2": str(data_root() / "wikitext2" / "wiki.test.raw"),
+        },
         "runs": {},
     }
     _, tokenizer = load_model(args.model)
-    train_set, _ = load_sft_dataset(str(data_root() / "gsm8k" / "train.jsonl"), tokenizer,
-                                    max_answer_tokens=args.max_answer_tokens)
+    train_set, _ = load_sft_dataset(
+        str(data_root() / "gsm8k" / "train.jsonl"), tokenizer, max_answer_tokens=args.max_answer_tokens
+    )
     if args.step_time:
         results["step_time"] = {str(r0): step_times(args, train_set, r0) for r0 in args.r0}
         results["goals"] = goals(results, args.rank)

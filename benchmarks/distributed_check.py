@@ -52,8 +52,15 @@ SEQ_LEN = 32
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
-                         num_key_value_heads=4, vocab_size=256, max_position_embeddings=128)
+    config = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=256,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
@@ -78,15 +85,26 @@ def run_one(method: str, fsdp: bool, out: Path) -> dict:
     pruning = callback(method)
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(
-            output_dir=scratch, max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // processes,
-            learning_rate=1e-2, lr_scheduler_type="constant", seed=0, data_seed=0, save_strategy="no",
-            report_to="none", remove_unused_columns=False, label_names=["labels"], disable_tqdm=True,
-            logging_steps=100, use_cpu=not torch.cuda.is_available(),
-            fsdp=fsdp, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]} if fsdp
-            else None,
+            output_dir=scratch,
+            max_steps=STEPS,
+            per_device_train_batch_size=GLOBAL_BATCH // processes,
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",
+            seed=0,
+            data_seed=0,
+            save_strategy="no",
+            report_to="none",
+            remove_unused_columns=False,
+            label_names=["labels"],
+            disable_tqdm=True,
+            logging_steps=100,
+            use_cpu=not torch.cuda.is_available(),
+            fsdp=fsdp,
+            fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]} if fsdp else None,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
-                          callbacks=[pruning])
+        trainer = Trainer(
+            model=model, args=args, train_dataset=dataset, data_collator=default_data_collator, callbacks=[pruning]
+        )
         trainer.train()
     model = trainer.model
     sharded = any(is_sharded(p) for p in model.parameters())
@@ -98,8 +116,13 @@ def run_one(method: str, fsdp: bool, out: Path) -> dict:
     lora = {n: full_tensor(p.detach()).float().cpu() for n, p in model.named_parameters() if "lora_" in n}
     state = full_state_dict(model)
     pruner = pruning.pruner
-    result = {"fsdp_enabled": bool(trainer.is_fsdp_enabled), "sharded": sharded, "processes": processes,
-              "lora": lora, "logits": logits}
+    result = {
+        "fsdp_enabled": bool(trainer.is_fsdp_enabled),
+        "sharded": sharded,
+        "processes": processes,
+        "lora": lora,
+        "logits": logits,
+    }
     if method == "loraprune":
         result["masks"] = {key: mask.cpu() for key, mask in pruner.masks.items()}
     else:
@@ -143,16 +166,23 @@ def compare(single_dir: Path, fsdp_dir: Path) -> dict:
             same = single["ranks"] == sharded["ranks"]
             removed = sum(single["ranks"].values())
         summary[method] = {
-            "fsdp_enabled": sharded["fsdp_enabled"], "sharded_parameters": sharded["sharded"],
-            "processes": sharded["processes"], "decisions_equal": same,
+            "fsdp_enabled": sharded["fsdp_enabled"],
+            "sharded_parameters": sharded["sharded"],
+            "processes": sharded["processes"],
+            "decisions_equal": same,
             "units_removed" if method == "loraprune" else "total_rank": removed,
             "lora_max_diff": max(float((single["lora"][k] - sharded["lora"][k]).abs().max()) for k in single["lora"]),
             "logits_max_diff": float((single["logits"] - sharded["logits"]).abs().max()),
             "export_logits_max_diff": sharded["exported_logits_max_diff"],
         }
         entry = summary[method]
-        entry["ok"] = bool(entry["sharded_parameters"] and same and entry["lora_max_diff"] < 1e-3
-                           and entry["logits_max_diff"] < 1e-3 and entry["export_logits_max_diff"] < 1e-3)
+        entry["ok"] = bool(
+            entry["sharded_parameters"]
+            and same
+            and entry["lora_max_diff"] < 1e-3
+            and entry["logits_max_diff"] < 1e-3
+            and entry["export_logits_max_diff"] < 1e-3
+        )
     summary["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     summary["torch"] = torch.__version__
     return summary

@@ -61,22 +61,49 @@ from loraprune.training import enable_gradient_checkpointing
 
 #: Llama-family shapes built from a config (attention/MLP widths, layers, vocabulary are what matter)
 SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256, "tie_word_embeddings": True},
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 256,
+        "tie_word_embeddings": True,
+    },
     # SmolLM2-135M (the default model): 30 layers, 9 query heads on 3 KV heads, MLP 1536, tied embeddings
-    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                     "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
-                     "tie_word_embeddings": True, "max_position_embeddings": 8192},
+    "smollm2-135m": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 8192,
+    },
     # a Llama-3.2-1B-like shape: 16 layers, 32 query heads on 8 KV heads, MLP 8192, 128k vocabulary
-    "llama-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
-                 "tie_word_embeddings": True, "max_position_embeddings": 8192},
+    "llama-1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 8192,
+    },
 }
 METHODS = ("lora", "loraprune", "prunedlora", "taylor", "wanda-sp")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16-weights")
 #: the command-line flags of `loraprune prune-model` that each precision corresponds to
-PRECISION_FLAGS = {"fp32": "--dtype float32", "bf16-autocast": "--dtype float32 --bf16",
-                   "bf16-weights": "--dtype bfloat16 --bf16"}
+PRECISION_FLAGS = {
+    "fp32": "--dtype float32",
+    "bf16-autocast": "--dtype float32 --bf16",
+    "bf16-weights": "--dtype bfloat16 --bf16",
+}
 MIB = 2**20
 
 
@@ -183,8 +210,10 @@ class Spec:
     seq_len: int
 
     def key(self) -> str:
-        return (f"{self.shape.name}/{self.method}/{self.precision}/{'ckpt' if self.checkpointing else 'no-ckpt'}/"
-                f"{self.batch_size}x{self.seq_len}")
+        return (
+            f"{self.shape.name}/{self.method}/{self.precision}/{'ckpt' if self.checkpointing else 'no-ckpt'}/"
+            f"{self.batch_size}x{self.seq_len}"
+        )
 
 
 def build_model(shape: Shape, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
@@ -201,8 +230,14 @@ def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContex
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _lora_step(model, batch: torch.Tensor, tracker: PeakTracker, autocast: contextlib.AbstractContextManager,
-               observe=None, after=None) -> None:
+def _lora_step(
+    model,
+    batch: torch.Tensor,
+    tracker: PeakTracker,
+    autocast: contextlib.AbstractContextManager,
+    observe=None,
+    after=None,
+) -> None:
     """Forward (under `autocast`, as in `transformers.Trainer`), backward, optional scoring on the
     gradients, AdamW step, optional post-step work."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -261,16 +296,24 @@ def run_measurement(spec: Spec, device: torch.device, meter, rank: int, r0: int,
         with autocast:  # the criteria run the model themselves and reduce in float32
             tracker.score(lambda: criterion.score(model, families, batch))
     seconds = time.perf_counter() - started
-    return {"parameters": parameters, "loaded_mib": tracker.base / MIB, "peak_mib": tracker.total() / MIB,
-            "scoring_mib": tracker.scoring / MIB, "seconds": seconds, "build_seconds": build_seconds}
+    return {
+        "parameters": parameters,
+        "loaded_mib": tracker.base / MIB,
+        "peak_mib": tracker.total() / MIB,
+        "scoring_mib": tracker.scoring / MIB,
+        "seconds": seconds,
+        "build_seconds": build_seconds,
+    }
 
 
 def plan(args: argparse.Namespace, shapes: list[Shape], scaling: list[Shape]) -> list[Spec]:
     """The measurements in the order they run: the (few) scaling shapes first, so that the time budget cuts
     the end of the main shapes' grid rather than the comparison at scale, then the full grid."""
     specs = []
-    for grid_shapes, batches, precisions in ((scaling, args.scaling_batches, args.scaling_precisions),
-                                             (shapes, args.batches, args.precisions)):
+    for grid_shapes, batches, precisions in (
+        (scaling, args.scaling_batches, args.scaling_precisions),
+        (shapes, args.batches, args.precisions),
+    ):
         for shape in grid_shapes:
             for batch_size, seq_len in batches:
                 for precision in precisions:
@@ -308,7 +351,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"    {results['command']}",
         "",
-        "Precisions: " + "; ".join(f"`{name}` = prune-model `{flags}`" for name, flags in PRECISION_FLAGS.items())
+        "Precisions: "
+        + "; ".join(f"`{name}` = prune-model `{flags}`" for name, flags in PRECISION_FLAGS.items())
         + "; `+ckpt` = `--gradient-checkpointing`.",
     ]
     rows = results["measurements"]
@@ -318,23 +362,38 @@ def markdown(results: dict[str, Any]) -> str:
         columns = list(dict.fromkeys((r["precision"], r["checkpointing"]) for r in group))
         parameters = next((r["parameters"] for r in group if r.get("parameters")), None)
         title = f"{shape}" + (f" ({parameters / 1e6:.0f} M parameters)" if parameters else "")
-        lines += ["", f"## {title}, batch {batch_size} x {seq_len}", "",
-                  "| method | " + " | ".join(p + (" +ckpt" if c else "") for p, c in columns) + " |",
-                  "|---|" + "---:|" * len(columns)]
+        lines += [
+            "",
+            f"## {title}, batch {batch_size} x {seq_len}",
+            "",
+            "| method | " + " | ".join(p + (" +ckpt" if c else "") for p, c in columns) + " |",
+            "|---|" + "---:|" * len(columns),
+        ]
         for method in dict.fromkeys(r["method"] for r in group):
             cells = []
             for precision, checkpointing in columns:
-                row = next((r for r in group if (r["method"], r["precision"], r["checkpointing"]) ==
-                            (method, precision, checkpointing)), None)
+                row = next(
+                    (
+                        r
+                        for r in group
+                        if (r["method"], r["precision"], r["checkpointing"]) == (method, precision, checkpointing)
+                    ),
+                    None,
+                )
                 cells.append("–" if row is None else _cell(row))
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         ratios = []
         for precision, checkpointing in columns:
-            pair = {r["method"]: r for r in group if (r["precision"], r["checkpointing"]) == (precision, checkpointing)
-                    and "peak_mib" in r}
+            pair = {
+                r["method"]: r
+                for r in group
+                if (r["precision"], r["checkpointing"]) == (precision, checkpointing) and "peak_mib" in r
+            }
             if "taylor" in pair and "loraprune" in pair and pair["loraprune"]["peak_mib"] > 0:
-                ratios.append(f"{precision}{' +ckpt' if checkpointing else ''} "
-                              f"{pair['taylor']['peak_mib'] / pair['loraprune']['peak_mib']:.1f}x")
+                ratios.append(
+                    f"{precision}{' +ckpt' if checkpointing else ''} "
+                    f"{pair['taylor']['peak_mib'] / pair['loraprune']['peak_mib']:.1f}x"
+                )
         if ratios:
             lines += ["", "Taylor peak / LoRAPrune step peak: " + ", ".join(ratios) + "."]
     errors = [r for r in rows if "error" in r]
@@ -365,14 +424,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True, help="where memory_options.json and .md are written")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shapes", nargs="*", default=["smollm2-135m"], choices=sorted(SHAPES),
-                        help="built-in shapes measured on the full grid")
-    parser.add_argument("--model", action="append", default=[],
-                        help="a model directory (random weights will do) measured on the full grid; repeatable")
-    parser.add_argument("--config-json", action="append", default=[],
-                        help="a Llama-family config.json built with from_config, measured on the full grid; repeatable")
-    parser.add_argument("--scaling-shapes", nargs="*", default=["llama-1b"], choices=sorted(SHAPES),
-                        help="larger shapes measured on the reduced grid (--scaling-batches, --scaling-precisions)")
+    parser.add_argument(
+        "--shapes",
+        nargs="*",
+        default=["smollm2-135m"],
+        choices=sorted(SHAPES),
+        help="built-in shapes measured on the full grid",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="a model directory (random weights will do) measured on the full grid; repeatable",
+    )
+    parser.add_argument(
+        "--config-json",
+        action="append",
+        default=[],
+        help="a Llama-family config.json built with from_config, measured on the full grid; repeatable",
+    )
+    parser.add_argument(
+        "--scaling-shapes",
+        nargs="*",
+        default=["llama-1b"],
+        choices=sorted(SHAPES),
+        help="larger shapes measured on the reduced grid (--scaling-batches, --scaling-precisions)",
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
@@ -382,8 +459,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the lora / loraprune steps")
     parser.add_argument("--r0", type=int, default=64, help="PrunedLoRA's initial rank")
     parser.add_argument("--final-rank", type=int, default=8, help="PrunedLoRA's final rank")
-    parser.add_argument("--time-budget", type=float, default=170.0,
-                        help="seconds after which no new measurement starts (the rest are recorded as not run)")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=170.0,
+        help="seconds after which no new measurement starts (the rest are recorded as not run)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU runs)")
     args = parser.parse_args(argv)
     args.checkpointing = [value == "on" for value in args.checkpointing]
@@ -403,9 +484,13 @@ def main(argv: list[str] | None = None) -> int:
     meter = CudaMeter() if device.type == "cuda" else RssMeter()
     shapes = [Shape(name, SHAPES[name]) for name in args.shapes]
     shapes += [Shape(f"model:{Path(path).name}", path=path) for path in args.model]
-    shapes += [Shape(f"config:{Path(path).stem}", {k: v for k, v in json.loads(Path(path).read_text()).items()
-                                                    if not k.startswith("_")})
-               for path in args.config_json]
+    shapes += [
+        Shape(
+            f"config:{Path(path).stem}",
+            {k: v for k, v in json.loads(Path(path).read_text()).items() if not k.startswith("_")},
+        )
+        for path in args.config_json
+    ]
     scaling = [Shape(name, SHAPES[name]) for name in args.scaling_shapes]
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -413,13 +498,18 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "command": shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv),
         "settings": {**settings, "shapes_config": {s.name: s.config or {"path": s.path} for s in shapes + scaling}},
-        "environment": _environment(device), "meter": meter.kind, "measurements": [],
+        "environment": _environment(device),
+        "meter": meter.kind,
+        "measurements": [],
     }
     started = time.perf_counter()
     for spec in plan(args, shapes, scaling):
-        row: dict[str, Any] = {"key": spec.key(), **{k: v for k, v in asdict(spec).items() if k != "shape"},
-                               "shape": spec.shape.name, "flags": PRECISION_FLAGS[spec.precision]
-                               + (" --gradient-checkpointing" if spec.checkpointing else "")}
+        row: dict[str, Any] = {
+            "key": spec.key(),
+            **{k: v for k, v in asdict(spec).items() if k != "shape"},
+            "shape": spec.shape.name,
+            "flags": PRECISION_FLAGS[spec.precision] + (" --gradient-checkpointing" if spec.checkpointing else ""),
+        }
         if time.perf_counter() - started > args.time_budget:
             row["skipped"] = f"time budget of {args.time_budget:.0f} s spent"
         else:
@@ -429,8 +519,10 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as error:  # one failure (an OOM, say) must not end the run
                     row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
                     row["traceback"] = traceback.format_exc(limit=4)
-        print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()
-                          if k != "traceback"}), flush=True)
+        print(
+            json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items() if k != "traceback"}),
+            flush=True,
+        )
         results["measurements"].append(row)
         results["total_seconds"] = time.perf_counter() - started
         write_json(output / "memory_options.json", results)

@@ -73,8 +73,11 @@ DATA = Path(os.environ.get("LORAPRUNE_DATA_DIR") or ROOT.parent / "shared" / "da
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--train-data", default=str(DATA / "wikitext2" / "wiki.valid.tokens"),
-                        help="text for LoRA training and calibration")
+    parser.add_argument(
+        "--train-data",
+        default=str(DATA / "wikitext2" / "wiki.valid.tokens"),
+        help="text for LoRA training and calibration",
+    )
     parser.add_argument("--eval-data", default=str(DATA / "wikitext2" / "wiki.test.raw"))
     parser.add_argument("--eval-max-tokens", type=int, default=16384)
     parser.add_argument("--full-eval", action="store_true", help="also evaluate on the whole test text")
@@ -99,11 +102,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-batch", type=int, default=1)
     parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--name", default="model_pruning", help="results are written to NAME.json and NAME.md")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep the finished runs of NAME.json (same settings) and run only the missing ones")
-    parser.add_argument("--only", nargs="+", default=None, metavar="METHOD-SPARSITY",
-                        help="run only these runs, in this order (e.g. loraprune-0.5 taylor-0.5); with --resume, "
-                        "to finish the most informative runs first")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the finished runs of NAME.json (same settings) and run only the missing ones",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="METHOD-SPARSITY",
+        help="run only these runs, in this order (e.g. loraprune-0.5 taylor-0.5); with --resume, "
+        "to finish the most informative runs first",
+    )
     parser.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)  # internal: one memory probe
     return parser.parse_args(argv)
 
@@ -154,6 +165,7 @@ def probe_memory(args: argparse.Namespace) -> dict[str, Any]:
 
         def work():
             criterion.score(model, families, calibration.to(device))
+
     with torch.no_grad():  # pages in the weights and sets up the kernels, so the baseline is the loaded model
         model(input_ids=batch[:1])
     result = _peak_above_baseline(work)
@@ -177,8 +189,10 @@ def step_times(args: argparse.Namespace, windows: list[dict]) -> dict[str, Any]:
         torch.manual_seed(args.seed)
         models[name] = add_lora(copy.deepcopy(base), args.rank, args.alpha)
     pruner = ModelPruner(models["loraprune"], 10**6, PruningTarget(0.5))  # a long run: every step scores
-    optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=args.learning_rate)
-                  for name, m in models.items()}
+    optimizers = {
+        name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=args.learning_rate)
+        for name, m in models.items()
+    }
     times: dict[str, list[float]] = {name: [] for name in models}
     scoring: list[float] = []  # the part of each LoRAPrune step spent in `observe` (the scoring itself)
     for repeat in range(args.step_time_repeats + 1):
@@ -199,17 +213,26 @@ def step_times(args: argparse.Namespace, windows: list[dict]) -> dict[str, Any]:
             if repeat > 0:  # the first round warms up
                 times[name].append(time.perf_counter() - started)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    return {"seconds": times, "median_seconds": medians, "ratio": medians["loraprune"] / medians["lora"],
-            "scoring_seconds": scoring, "scoring_share": statistics.median(scoring) / medians["lora"],
-            "batch": [args.batch_size, args.seq_len], "repeats": args.step_time_repeats}
+    return {
+        "seconds": times,
+        "median_seconds": medians,
+        "ratio": medians["loraprune"] / medians["lora"],
+        "scoring_seconds": scoring,
+        "scoring_share": statistics.median(scoring) / medians["lora"],
+        "batch": [args.batch_size, args.seq_len],
+        "repeats": args.step_time_repeats,
+    }
 
 
 # ------------------------------------------------------------------------------------------ runs
 
 
 def _perplexities(model, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
-    result = {"budget": evaluate_perplexity(model, tokenizer, args.eval_data, seq_len=args.seq_len,
-                                            max_tokens=args.eval_max_tokens).to_dict()}
+    result = {
+        "budget": evaluate_perplexity(
+            model, tokenizer, args.eval_data, seq_len=args.seq_len, max_tokens=args.eval_max_tokens
+        ).to_dict()
+    }
     if args.full_eval:
         result["full"] = evaluate_perplexity(model, tokenizer, args.eval_data, seq_len=args.seq_len).to_dict()
     return result
@@ -223,11 +246,22 @@ def _file_size(model, tokenizer) -> int:
 
 def run_method(args: argparse.Namespace, method: str, sparsity: float, scratch: Path) -> dict[str, Any]:
     config = PruneModelConfig(
-        output=str(scratch / f"{method}-{sparsity}"), model=args.model, method=method, sparsity=sparsity,
-        layers=args.layers, allocation=args.allocation, attention_unit=args.attention_unit,
-        calibration_data=args.train_data, calibration_samples=args.calibration_samples, seq_len=args.seq_len,
-        steps=args.steps, lora_rank=args.rank, lora_alpha=args.alpha, learning_rate=args.learning_rate,
-        batch_size=args.batch_size, seed=args.seed,
+        output=str(scratch / f"{method}-{sparsity}"),
+        model=args.model,
+        method=method,
+        sparsity=sparsity,
+        layers=args.layers,
+        allocation=args.allocation,
+        attention_unit=args.attention_unit,
+        calibration_data=args.train_data,
+        calibration_samples=args.calibration_samples,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        lora_rank=args.rank,
+        lora_alpha=args.alpha,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        seed=args.seed,
     )
     schedule = LoRAPruneConfig(prune_every=args.prune_every, warmup=args.warmup, cooldown=args.cooldown)
     started = time.perf_counter()
@@ -235,13 +269,18 @@ def run_method(args: argparse.Namespace, method: str, sparsity: float, scratch: 
     seconds = time.perf_counter() - started
     report = result.report
     row = {
-        "method": method, "sparsity": sparsity,
-        "params": report["params_after"], "decoder_params": report["decoder_params_after"],
-        "sparsity_decoder": report["sparsity_decoder"], "sparsity_total": report["sparsity_total"],
+        "method": method,
+        "sparsity": sparsity,
+        "params": report["params_after"],
+        "decoder_params": report["decoder_params_after"],
+        "sparsity_decoder": report["sparsity_decoder"],
+        "sparsity_total": report["sparsity_total"],
         "file_size_bytes": report["file_size_bytes"],
-        "prune_and_train_seconds": report["prune_seconds"], "run_seconds": seconds,
+        "prune_and_train_seconds": report["prune_seconds"],
+        "run_seconds": seconds,
         "train_seconds": report["training"]["train_seconds"] if report["training"] else 0.0,
-        "training": report["training"], "layers": report["layers"],
+        "training": report["training"],
+        "layers": report["layers"],
         "perplexity": _perplexities(result.model, result.tokenizer, args),
     }
     return row
@@ -249,19 +288,39 @@ def run_method(args: argparse.Namespace, method: str, sparsity: float, scratch: 
 
 def dense_rows(args: argparse.Namespace, windows: list[dict]) -> list[dict]:
     model, tokenizer = load_model(args.model)
-    dense = {"method": "dense", "sparsity": 0.0, "params": count_parameters(model), "sparsity_decoder": 0.0,
-             "sparsity_total": 0.0, "file_size_bytes": _file_size(model, tokenizer),
-             "perplexity": _perplexities(model, tokenizer, args)}
+    dense = {
+        "method": "dense",
+        "sparsity": 0.0,
+        "params": count_parameters(model),
+        "sparsity_decoder": 0.0,
+        "sparsity_total": 0.0,
+        "file_size_bytes": _file_size(model, tokenizer),
+        "perplexity": _perplexities(model, tokenizer, args),
+    }
     tuned_base, _ = load_model(args.model)
-    settings = LoraSettings(steps=args.steps, rank=args.rank, alpha=args.alpha, learning_rate=args.learning_rate,
-                            batch_size=args.batch_size, seed=args.seed)
+    settings = LoraSettings(
+        steps=args.steps,
+        rank=args.rank,
+        alpha=args.alpha,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     started = time.perf_counter()
     run = train_lora(tuned_base, windows, settings)
     merged = run.model.merge_and_unload()
-    tuned = {"method": "dense + LoRA", "sparsity": 0.0, "params": count_parameters(merged),
-             "sparsity_decoder": 0.0, "sparsity_total": 0.0, "file_size_bytes": dense["file_size_bytes"],
-             "train_seconds": run.seconds, "run_seconds": time.perf_counter() - started, "training": run.summary,
-             "perplexity": _perplexities(merged, tokenizer, args)}
+    tuned = {
+        "method": "dense + LoRA",
+        "sparsity": 0.0,
+        "params": count_parameters(merged),
+        "sparsity_decoder": 0.0,
+        "sparsity_total": 0.0,
+        "file_size_bytes": dense["file_size_bytes"],
+        "train_seconds": run.seconds,
+        "run_seconds": time.perf_counter() - started,
+        "training": run.summary,
+        "perplexity": _perplexities(merged, tokenizer, args),
+    }
     return [dense, tuned]
 
 
@@ -304,48 +363,82 @@ def markdown(results: dict[str, Any]) -> str:
     dense = next(r for r in rows if r["method"] == "dense")
     for row in rows:
         ppl = row["perplexity"]["budget"]["perplexity"]
-        cells = [row["method"], f"{row['sparsity']:.0%}", f"{row['sparsity_decoder']:.2%}", f"{row['params']:,}",
-                 f"{row['file_size_bytes'] / 2**20:.1f}", _ppl(row),
-                 f"{ppl / dense['perplexity']['budget']['perplexity']:.3f}",
-                 f"{ppl / plain['perplexity']['budget']['perplexity']:.3f}"]
+        cells = [
+            row["method"],
+            f"{row['sparsity']:.0%}",
+            f"{row['sparsity_decoder']:.2%}",
+            f"{row['params']:,}",
+            f"{row['file_size_bytes'] / 2**20:.1f}",
+            _ppl(row),
+            f"{ppl / dense['perplexity']['budget']['perplexity']:.3f}",
+            f"{ppl / plain['perplexity']['budget']['perplexity']:.3f}",
+        ]
         if full:
             cells.append(_ppl(row, "full"))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Cost", "",
-              "| method | sparsity | scoring peak MiB | run time / plain LoRA run | forward latency / dense | "
-              "FLOPs / dense | latency / FLOPs ratio |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Cost",
+        "",
+        "| method | sparsity | scoring peak MiB | run time / plain LoRA run | forward latency / dense | "
+        "FLOPs / dense | latency / FLOPs ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     memory = results["scoring_memory"]
     for row in rows:
         if row["method"] in ("dense", "dense + LoRA"):
             continue
         latency = results["latency"]["ratios"].get(f"{row['method']}-{row['sparsity']:g}", {})
         lat, flops = latency.get("forward_ms"), latency.get("flops")
-        cells = [row["method"], f"{row['sparsity']:.0%}", f"{memory[row['method']]['peak_mib']:.0f}",
-                 f"{row['prune_and_train_seconds'] / plain['train_seconds']:.2f}",
-                 f"{lat:.3f}" if lat else "-", f"{flops:.3f}" if flops else "-",
-                 f"{lat / flops:.3f}" if lat and flops else "-"]
+        cells = [
+            row["method"],
+            f"{row['sparsity']:.0%}",
+            f"{memory[row['method']]['peak_mib']:.0f}",
+            f"{row['prune_and_train_seconds'] / plain['train_seconds']:.2f}",
+            f"{lat:.3f}" if lat else "-",
+            f"{flops:.3f}" if flops else "-",
+            f"{lat / flops:.3f}" if lat and flops else "-",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Latency: forward pass of batch "
-              f"{settings['latency_batch']} x {settings['seq_len']} tokens, median of {settings['latency_repeats']} "
-              "interleaved repeats, on models rebuilt at each run's layer widths (latency depends on the widths only).",
-              "", f"Plain LoRA step (reference for memory): {memory['lora-step']['peak_mib']:.0f} MiB peak above the "
-              f"loaded model ({memory['lora-step']['kind']}); batch {settings['batch_size']} x {settings['seq_len']}.",
-              "", "Step time, interleaved in one process (median of "
-              f"{results['step_time']['repeats']}): LoRAPrune step (scoring every step) "
-              f"{results['step_time']['median_seconds']['loraprune']:.2f} s vs plain LoRA step "
-              f"{results['step_time']['median_seconds']['lora']:.2f} s = **{results['step_time']['ratio']:.3f}x**"
-              + (f"; the scoring itself (`observe`) takes {results['step_time']['scoring_share']:.1%} of a plain step."
-                 if "scoring_share" in results["step_time"] else "."),
-              *([] if "resumed" not in results else [
-                  "", "This benchmark was resumed (`" + results["resumed"]["command"] + "`): rows ran at different "
-                  "times under different loads of a shared 2-core machine, so the run-time column compares runs "
-                  "that did not run side by side; the interleaved step time above is the fair overhead measure."]),
-              "", "Memory: on a CPU the peak RSS of a whole step is dominated by activations and the logits, "
-              "so the LoRAPrune step and Taylor's scoring pass are close; the scoring itself adds a few MiB "
-              "to the LoRA step. Exact GPU figures (incl. a 1B shape): `memory_options_h100.md`.",
-              "", "## Goals", ""]
-    lines += [f"- {goal['goal']}: **{'met' if goal['met'] else 'not met'}** ({goal['detail']})"
-              for goal in results["goals"]]
+    lines += [
+        "",
+        "Latency: forward pass of batch "
+        f"{settings['latency_batch']} x {settings['seq_len']} tokens, median of {settings['latency_repeats']} "
+        "interleaved repeats, on models rebuilt at each run's layer widths (latency depends on the widths only).",
+        "",
+        f"Plain LoRA step (reference for memory): {memory['lora-step']['peak_mib']:.0f} MiB peak above the "
+        f"loaded model ({memory['lora-step']['kind']}); batch {settings['batch_size']} x {settings['seq_len']}.",
+        "",
+        "Step time, interleaved in one process (median of "
+        f"{results['step_time']['repeats']}): LoRAPrune step (scoring every step) "
+        f"{results['step_time']['median_seconds']['loraprune']:.2f} s vs plain LoRA step "
+        f"{results['step_time']['median_seconds']['lora']:.2f} s = **{results['step_time']['ratio']:.3f}x**"
+        + (
+            f"; the scoring itself (`observe`) takes {results['step_time']['scoring_share']:.1%} of a plain step."
+            if "scoring_share" in results["step_time"]
+            else "."
+        ),
+        *(
+            []
+            if "resumed" not in results
+            else [
+                "",
+                "This benchmark was resumed (`" + results["resumed"]["command"] + "`): rows ran at different "
+                "times under different loads of a shared 2-core machine, so the run-time column compares runs "
+                "that did not run side by side; the interleaved step time above is the fair overhead measure.",
+            ]
+        ),
+        "",
+        "Memory: on a CPU the peak RSS of a whole step is dominated by activations and the logits, "
+        "so the LoRAPrune step and Taylor's scoring pass are close; the scoring itself adds a few MiB "
+        "to the LoRA step. Exact GPU figures (incl. a 1B shape): `memory_options_h100.md`.",
+        "",
+        "## Goals",
+        "",
+    ]
+    lines += [
+        f"- {goal['goal']}: **{'met' if goal['met'] else 'not met'}** ({goal['detail']})" for goal in results["goals"]
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -357,21 +450,37 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         lp, ty = rows.get(("loraprune", sparsity)), rows.get(("taylor", sparsity))
         if lp and ty:
             a, b = lp["perplexity"]["budget"]["perplexity"], ty["perplexity"]["budget"]["perplexity"]
-            out.append({"goal": f"LoRAPrune perplexity below Taylor's at {sparsity:.0%}", "met": a < b,
-                        "detail": f"{a:.2f} vs {b:.2f}"})
+            out.append(
+                {
+                    "goal": f"LoRAPrune perplexity below Taylor's at {sparsity:.0%}",
+                    "met": a < b,
+                    "detail": f"{a:.2f} vs {b:.2f}",
+                }
+            )
     if "loraprune" in memory and "taylor" in memory:
         ratio = memory["loraprune"]["peak_mib"] / memory["taylor"]["peak_mib"]
-        out.append({"goal": "LoRAPrune scoring peak memory <= 0.5x Taylor's", "met": ratio <= 0.5,
-                    "detail": f"{memory['loraprune']['peak_mib']:.0f} / {memory['taylor']['peak_mib']:.0f} MiB = "
-                              f"{ratio:.2f}x"})
+        out.append(
+            {
+                "goal": "LoRAPrune scoring peak memory <= 0.5x Taylor's",
+                "met": ratio <= 0.5,
+                "detail": f"{memory['loraprune']['peak_mib']:.0f} / {memory['taylor']['peak_mib']:.0f} MiB = "
+                f"{ratio:.2f}x",
+            }
+        )
     for name, ratio in results["latency"]["ratios"].items():
         if name.endswith("-0.5"):
             rel = ratio["forward_ms"] / ratio["flops"]
-            out.append({"goal": f"{name}: forward latency within 10% of its FLOPs ratio", "met": abs(rel - 1) <= 0.1,
-                        "detail": f"latency ratio {ratio['forward_ms']:.3f}, FLOPs ratio {ratio['flops']:.3f}"})
+            out.append(
+                {
+                    "goal": f"{name}: forward latency within 10% of its FLOPs ratio",
+                    "met": abs(rel - 1) <= 0.1,
+                    "detail": f"latency ratio {ratio['forward_ms']:.3f}, FLOPs ratio {ratio['flops']:.3f}",
+                }
+            )
     step = results["step_time"]["ratio"]
-    out.append({"goal": "LoRAPrune step time <= 1.1x plain LoRA step time", "met": step <= 1.1,
-                "detail": f"{step:.3f}x"})
+    out.append(
+        {"goal": "LoRAPrune step time <= 1.1x plain LoRA step time", "met": step <= 1.1, "detail": f"{step:.3f}x"}
+    )
     return out
 
 
@@ -385,14 +494,20 @@ def main(argv: list[str] | None = None) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path = output_dir / f"{args.name}.json"
     settings = {k: v for k, v in vars(args).items() if k not in ("probe_memory", "resume", "only")}
-    results: dict[str, Any] = {"command": command, "settings": settings, "environment": environment(),
-                               "torch_threads": torch.get_num_threads()}
+    results: dict[str, Any] = {
+        "command": command,
+        "settings": settings,
+        "environment": environment(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if args.resume and json_path.exists():
         previous = json.loads(json_path.read_text())
         if previous["settings"] != settings:
             raise SystemExit(f"{json_path} was run with other settings; drop --resume to start over")
-        results = {**previous, "resumed": {"command": command, "torch_threads": torch.get_num_threads(),
-                                           "environment": environment()}}
+        results = {
+            **previous,
+            "resumed": {"command": command, "torch_threads": torch.get_num_threads(), "environment": environment()},
+        }
 
     def save() -> None:
         write_json(json_path, results)
@@ -400,8 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     if "scoring_memory" not in results:
         memory_methods = ["lora-step", *[m for m in args.methods if m in ("loraprune", "taylor", "wanda-sp")]]
         results["scoring_memory"] = {m: scoring_memory(args, m) for m in memory_methods}
-        results["scoring_memory"].update({m: {"peak_mib": 0.0, "kind": "no data pass"}
-                                          for m in args.methods if m in ("magnitude", "random")})
+        results["scoring_memory"].update(
+            {m: {"peak_mib": 0.0, "kind": "no data pass"} for m in args.methods if m in ("magnitude", "random")}
+        )
         save()
     _, tokenizer = load_model(args.model)
     windows = training_windows(tokenizer, args.train_data, args.seq_len)
@@ -422,10 +538,19 @@ def main(argv: list[str] | None = None) -> int:
                 results["rows"].append(run_method(args, *planned[name], Path(scratch)))
                 save()
     dense, _ = load_model(args.model)
-    shaped = {f"{row['method']}-{row['sparsity']:g}": model_with_widths(dense, row["layers"])
-              for row in results["rows"] if "layers" in row}
-    latency = measure_latency({"dense": dense, **shaped}, batch_size=args.latency_batch,
-                              seq_len=args.seq_len, repeats=args.latency_repeats, gen_tokens=0, seed=args.seed)
+    shaped = {
+        f"{row['method']}-{row['sparsity']:g}": model_with_widths(dense, row["layers"])
+        for row in results["rows"]
+        if "layers" in row
+    }
+    latency = measure_latency(
+        {"dense": dense, **shaped},
+        batch_size=args.latency_batch,
+        seq_len=args.seq_len,
+        repeats=args.latency_repeats,
+        gen_tokens=0,
+        seed=args.seed,
+    )
     results["latency"] = latency.to_dict()
     results["goals"] = goals(results)
     save()

@@ -68,16 +68,23 @@ DATA = Path(os.environ.get("LORAPRUNE_DATA_DIR") or ROOT.parent / "shared" / "da
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--train-data", default=str(DATA / "wikitext2" / "wiki.valid.tokens"),
-                        help="text for LoRA training and calibration")
+    parser.add_argument(
+        "--train-data",
+        default=str(DATA / "wikitext2" / "wiki.valid.tokens"),
+        help="text for LoRA training and calibration",
+    )
     parser.add_argument("--eval-data", default=str(DATA / "wikitext2" / "wiki.test.raw"))
     parser.add_argument("--eval-max-tokens", type=int, default=16384)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--patterns", nargs="+", default=["2:4", "4:8"])
     parser.add_argument("--methods", nargs="+", default=list(NM_METHODS), choices=NM_METHODS)
     parser.add_argument("--steps", type=int, default=40, help="LoRA steps (LoRAPrune, recovery, dense + LoRA)")
-    parser.add_argument("--no-recovery", dest="recovery", action="store_false",
-                        help="one-shot methods without the LoRA training under their mask")
+    parser.add_argument(
+        "--no-recovery",
+        dest="recovery",
+        action="store_false",
+        help="one-shot methods without the LoRA training under their mask",
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=None)
@@ -92,13 +99,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--speed", action="store_true", help="time the 2:4 model on sparse tensor cores (CUDA)")
-    parser.add_argument("--speed-only", action="store_true",
-                        help="only time a 2:4 model (magnitude masks: the kernels' time does not depend on which "
-                        "weights are kept); no training, no perplexity")
+    parser.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="only time a 2:4 model (magnitude masks: the kernels' time does not depend on which "
+        "weights are kept); no training, no perplexity",
+    )
     parser.add_argument("--speed-batches", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--speed-repeats", type=int, default=20)
-    parser.add_argument("--matches-within", type=float, default=0.05,
-                        help="'LoRAPrune matches a baseline' = its perplexity is at most this fraction above")
+    parser.add_argument(
+        "--matches-within",
+        type=float,
+        default=0.05,
+        help="'LoRAPrune matches a baseline' = its perplexity is at most this fraction above",
+    )
     parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--name", default="semi_structured", help="results are written to NAME.json and NAME.md")
     return parser.parse_args(argv)
@@ -108,13 +122,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _perplexity(model, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
-    return evaluate_perplexity(model, tokenizer, args.eval_data, seq_len=args.seq_len,
-                               max_tokens=args.eval_max_tokens, model_name=args.model).to_dict()
+    return evaluate_perplexity(
+        model, tokenizer, args.eval_data, seq_len=args.seq_len, max_tokens=args.eval_max_tokens, model_name=args.model
+    ).to_dict()
 
 
 def _lora(args: argparse.Namespace) -> LoraSettings:
-    return LoraSettings(steps=args.steps, rank=args.rank, alpha=args.alpha, learning_rate=args.learning_rate,
-                        batch_size=args.batch_size, seed=args.seed)
+    return LoraSettings(
+        steps=args.steps,
+        rank=args.rank,
+        alpha=args.alpha,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
 
 
 def dense_rows(args: argparse.Namespace, windows: list[dict]) -> list[dict[str, Any]]:
@@ -124,14 +145,21 @@ def dense_rows(args: argparse.Namespace, windows: list[dict]) -> list[dict[str, 
         started = time.perf_counter()
         run = train_lora(model, windows, _lora(args))
         merged = run.model.merge_and_unload()
-        rows.append({"method": "dense + LoRA", "pattern": None, "training": run.summary,
-                     "run_seconds": time.perf_counter() - started,
-                     "perplexity": _perplexity(merged, tokenizer, args)})
+        rows.append(
+            {
+                "method": "dense + LoRA",
+                "pattern": None,
+                "training": run.summary,
+                "run_seconds": time.perf_counter() - started,
+                "perplexity": _perplexity(merged, tokenizer, args),
+            }
+        )
     return rows
 
 
-def nm_row(args: argparse.Namespace, method: str, pattern: NMPattern, windows: list[dict],
-           batches: torch.Tensor) -> tuple[dict[str, Any], torch.nn.Module]:
+def nm_row(
+    args: argparse.Namespace, method: str, pattern: NMPattern, windows: list[dict], batches: torch.Tensor
+) -> tuple[dict[str, Any], torch.nn.Module]:
     """One method at one pattern: prune (and train), check the pattern, evaluate."""
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     modules = nm_modules(model, pattern)
@@ -142,8 +170,16 @@ def nm_row(args: argparse.Namespace, method: str, pattern: NMPattern, windows: l
         model, run, _ = loraprune_nm(model, windows, _lora(args), pattern, schedule)
         row["training"] = run.summary
     else:
-        masks = prune_one_shot(model, method, pattern, modules, batches, batch_size=args.batch_size,
-                               block_size=args.sparsegpt_block_size, damp=args.sparsegpt_damp)
+        masks = prune_one_shot(
+            model,
+            method,
+            pattern,
+            modules,
+            batches,
+            batch_size=args.batch_size,
+            block_size=args.sparsegpt_block_size,
+            damp=args.sparsegpt_damp,
+        )
         row["one_shot_seconds"] = time.perf_counter() - started
         row["perplexity_one_shot"] = _perplexity(model, tokenizer, args)
         if args.recovery and args.steps:
@@ -188,8 +224,15 @@ def speed(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, Any]:
     dense = copy.deepcopy(model).to(device="cuda", dtype=torch.float16).eval()
     modules = nm_modules(dense, NMPattern(2, 4))
     models: dict[str, torch.nn.Module] = {"dense storage": dense}
-    result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "dtype": "float16", "torch": torch.__version__,
-                              "backends": {}, "max_logit_difference": {}, "by_batch": {}, "projection_ms": {}}
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(),
+        "dtype": "float16",
+        "torch": torch.__version__,
+        "backends": {},
+        "max_logit_difference": {},
+        "by_batch": {},
+        "projection_ms": {},
+    }
     probe = torch.randint(0, dense.config.vocab_size, (2, args.seq_len), device="cuda")
     with torch.no_grad():
         reference = dense(input_ids=probe).logits
@@ -204,12 +247,22 @@ def speed(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, Any]:
             models[f"2:4 {backend}"] = sparse
             result["max_logit_difference"][f"2:4 {backend}"] = float((logits - reference).abs().max())
     for batch in args.speed_batches:
-        latency = measure_latency(models, batch_size=batch, seq_len=args.seq_len, repeats=args.speed_repeats,
-                                  warmup=3, gen_tokens=0, seed=args.seed, progress=False)
+        latency = measure_latency(
+            models,
+            batch_size=batch,
+            seq_len=args.seq_len,
+            repeats=args.speed_repeats,
+            warmup=3,
+            gen_tokens=0,
+            seed=args.seed,
+            progress=False,
+        )
         medians = {cost.name: cost.forward_median_ms for cost in latency.models}
-        result["by_batch"][str(batch)] = {"tokens": batch * args.seq_len, "median_ms": medians,
-                                          "over_dense": {name: ms / medians["dense storage"]
-                                                         for name, ms in medians.items()}}
+        result["by_batch"][str(batch)] = {
+            "tokens": batch * args.seq_len,
+            "median_ms": medians,
+            "over_dense": {name: ms / medians["dense storage"] for name, ms in medians.items()},
+        }
     tokens = max(args.speed_batches) * args.seq_len
     with torch.no_grad():
         for module in (modules[4], modules[6]):  # gate_proj and down_proj of layer 0: the largest shapes
@@ -217,7 +270,8 @@ def speed(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, Any]:
             x = torch.randn(tokens, weights["dense storage"].shape[1], device="cuda", dtype=torch.float16)
             shape = "x".join(str(size) for size in weights["dense storage"].shape)
             result["projection_ms"][f"{module} ({shape}, {tokens} tokens)"] = {
-                name: _linear_ms(weight, x, args.speed_repeats) for name, weight in weights.items()}
+                name: _linear_ms(weight, x, args.speed_repeats) for name, weight in weights.items()
+            }
     return result
 
 
@@ -238,15 +292,27 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
         if mine is None:
             continue
         for label, key in (("one-shot, no training", "perplexity_one_shot"), ("same LoRA training", "perplexity")):
-            baselines = [(r["method"], _ppl(r.get(key))) for r in rows
-                         if r["pattern"] == pattern and r["method"] in ("wanda", "sparsegpt") and r.get(key)]
+            baselines = [
+                (r["method"], _ppl(r.get(key)))
+                for r in rows
+                if r["pattern"] == pattern and r["method"] in ("wanda", "sparsegpt") and r.get(key)
+            ]
             if not baselines:
                 continue
             name, best = min(baselines, key=lambda item: item[1])
             ratio = _ppl(mine["perplexity"]) / best
-            out.append({"pattern": pattern, "against": label, "best_baseline": name, "baseline_perplexity": best,
-                        "loraprune_perplexity": _ppl(mine["perplexity"]), "ratio": ratio,
-                        "matches": ratio <= 1 + tolerance, "better": ratio < 1})
+            out.append(
+                {
+                    "pattern": pattern,
+                    "against": label,
+                    "best_baseline": name,
+                    "baseline_perplexity": best,
+                    "loraprune_perplexity": _ppl(mine["perplexity"]),
+                    "ratio": ratio,
+                    "matches": ratio <= 1 + tolerance,
+                    "better": ratio < 1,
+                }
+            )
     return out
 
 
@@ -260,16 +326,26 @@ def speed_markdown(speed_result: dict[str, Any] | None, seq_len: int) -> list[st
     else:
         names = list(next(iter(speed_result["by_batch"].values()))["median_ms"])
         differences = ", ".join(f"{name} {value:.3g}" for name, value in speed_result["max_logit_difference"].items())
-        lines += [f"{speed_result['device']}, {speed_result['dtype']}, torch {speed_result['torch']}; backends: "
-                  + ", ".join(f"{k} = {v}" for k, v in speed_result["backends"].items())
-                  + f". Largest logit difference to dense storage: {differences}.", "",
-                  "Whole-model forward, median ms (ratio to dense storage):", "",
-                  "| batch x seq_len | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [
+            f"{speed_result['device']}, {speed_result['dtype']}, torch {speed_result['torch']}; backends: "
+            + ", ".join(f"{k} = {v}" for k, v in speed_result["backends"].items())
+            + f". Largest logit difference to dense storage: {differences}.",
+            "",
+            "Whole-model forward, median ms (ratio to dense storage):",
+            "",
+            "| batch x seq_len | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
         for batch, entry in speed_result["by_batch"].items():
             cells = [f"{entry['median_ms'][n]:.2f} ({entry['over_dense'][n]:.2f}x)" for n in names]
             lines.append(f"| {batch} x {seq_len} | " + " | ".join(cells) + " |")
-        lines += ["", "One projection's product alone, median ms:", "", "| projection | " + " | ".join(names) + " |",
-                  "|---|" + "---|" * len(names)]
+        lines += [
+            "",
+            "One projection's product alone, median ms:",
+            "",
+            "| projection | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
         for module, entry in speed_result["projection_ms"].items():
             lines.append(f"| {module} | " + " | ".join(f"{entry[n]:.3f}" if n in entry else "-" for n in names) + " |")
     return lines
@@ -294,8 +370,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"LoRA-guided element importance, pattern tightened every {s['prune_every']} steps on the cubic schedule "
         f"(warm-up {s['warmup']:.0%}, cool-down {s['cooldown']:.0%}). Wanda / SparseGPT: layer by layer on "
         f"{s['calibration_samples']} x {s['seq_len']} calibration tokens (SparseGPT block {s['sparsegpt_block_size']}, "
-        f"damping {s['sparsegpt_damp']:g})" + ("; then the same LoRA training under their mask." if s["recovery"]
-                                                else "; no LoRA training.")
+        f"damping {s['sparsegpt_damp']:g})"
+        + ("; then the same LoRA training under their mask." if s["recovery"] else "; no LoRA training.")
         + f" Perplexity: `{s['eval_data']}`, first {budget['tokens']:,} tokens in windows of {budget['seq_len']}.",
         "",
         f"Machine: {results['environment']['device']}, {results['torch_threads']} threads (shared: times are noisy).",
@@ -308,23 +384,35 @@ def markdown(results: dict[str, Any]) -> str:
         final = _ppl(row.get("perplexity")) or _ppl(row.get("perplexity_one_shot"))
         one_shot = _ppl(row.get("perplexity_one_shot"))
         after = _ppl(row.get("perplexity")) if row["method"] != "dense" else None
-        cells = [row["method"], row["pattern"] or "-",
-                 f"{row['nm']['sparsity']:.2%}" if "nm" in row else "0",
-                 f"{one_shot:.2f}" if one_shot else ("-" if row["method"] != "dense" else f"{final:.2f}"),
-                 f"{after:.2f}" if after else "-",
-                 f"{final / dense:.3f}", f"{final / tuned:.3f}" if tuned else "-",
-                 f"{row['run_seconds']:.0f}" if "run_seconds" in row else "-"]
+        cells = [
+            row["method"],
+            row["pattern"] or "-",
+            f"{row['nm']['sparsity']:.2%}" if "nm" in row else "0",
+            f"{one_shot:.2f}" if one_shot else ("-" if row["method"] != "dense" else f"{final:.2f}"),
+            f"{after:.2f}" if after else "-",
+            f"{final / dense:.3f}",
+            f"{final / tuned:.3f}" if tuned else "-",
+            f"{row['run_seconds']:.0f}" if "run_seconds" in row else "-",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Every N:M row was checked after merging: no group of M holds more than N non-zeros.", "",
-              "## LoRAPrune's claim", "",
-              "The LoRAPrune paper reports that its LoRA-guided criterion, applied to semi-structured sparsity, "
-              "matches dedicated semi-structured pruners (SparseGPT, Wanda). Here 'matches' = perplexity at most "
-              f"{s['matches_within']:.0%} above the best of Wanda and SparseGPT at the same pattern.", ""]
+    lines += [
+        "",
+        "Every N:M row was checked after merging: no group of M holds more than N non-zeros.",
+        "",
+        "## LoRAPrune's claim",
+        "",
+        "The LoRAPrune paper reports that its LoRA-guided criterion, applied to semi-structured sparsity, "
+        "matches dedicated semi-structured pruners (SparseGPT, Wanda). Here 'matches' = perplexity at most "
+        f"{s['matches_within']:.0%} above the best of Wanda and SparseGPT at the same pattern.",
+        "",
+    ]
     for verdict in results["verdicts"]:
         outcome = "better" if verdict["better"] else ("matches" if verdict["matches"] else "worse")
-        lines.append(f"- {verdict['pattern']}, against {verdict['against']}: LoRAPrune "
-                     f"{verdict['loraprune_perplexity']:.2f} vs {verdict['best_baseline']} "
-                     f"{verdict['baseline_perplexity']:.2f} (ratio {verdict['ratio']:.3f}): **{outcome}**")
+        lines.append(
+            f"- {verdict['pattern']}, against {verdict['against']}: LoRAPrune "
+            f"{verdict['loraprune_perplexity']:.2f} vs {verdict['best_baseline']} "
+            f"{verdict['baseline_perplexity']:.2f} (ratio {verdict['ratio']:.3f}): **{outcome}**"
+        )
     lines += ["", "## Speed of the 2:4 model", "", *speed_markdown(results.get("speed"), s["seq_len"])]
     return "\n".join(lines) + "\n"
 
@@ -337,8 +425,13 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/semi_structured.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"command": command, "settings": vars(args), "environment": environment(),
-                               "torch_threads": torch.get_num_threads(), "rows": []}
+    results: dict[str, Any] = {
+        "command": command,
+        "settings": vars(args),
+        "environment": environment(),
+        "torch_threads": torch.get_num_threads(),
+        "rows": [],
+    }
 
     def save() -> None:
         write_json(output_dir / f"{args.name}.json", results)
@@ -348,8 +441,18 @@ def main(argv: list[str] | None = None) -> int:
         prune_one_shot(model, "magnitude", NMPattern(2, 4), nm_modules(model, NMPattern(2, 4)))
         results["speed"] = speed(model, args)
         save()
-        text = "\n".join(["# Speed of a 2:4 model (magnitude masks)", "", f"Command: `{command}`", "",
-                          *speed_markdown(results["speed"], args.seq_len)]) + "\n"
+        text = (
+            "\n".join(
+                [
+                    "# Speed of a 2:4 model (magnitude masks)",
+                    "",
+                    f"Command: `{command}`",
+                    "",
+                    *speed_markdown(results["speed"], args.seq_len),
+                ]
+            )
+            + "\n"
+        )
         (output_dir / f"{args.name}.md").write_text(text)
         print(text)
         return 0

@@ -42,7 +42,9 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.decoder = decoders.Fuse()
     alphabet = [chr(code) for code in range(32, 127)] + ["\n"]
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB, special_tokens=list(TINY_SPECIAL_TOKENS), initial_alphabet=alphabet,
+        vocab_size=TINY_VOCAB,
+        special_tokens=list(TINY_SPECIAL_TOKENS),
+        initial_alphabet=alphabet,
         show_progress=False,
     )
     tokenizer.train_from_iterator([TINY_TRAINING_TEXT], trainer=trainer)
@@ -54,9 +56,16 @@ def build_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     """A random fp32 Llama with grouped-query attention (4 query heads on 2 KV heads) and tied
     embeddings like the default model, sized to the tiny tokenizer; in eval mode."""
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=TINY_VOCAB, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=1, eos_token_id=2,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=TINY_VOCAB,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()

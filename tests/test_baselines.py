@@ -14,8 +14,8 @@ from tiny_models import tiny_model, token_batch
 def _unit_sums(matrix: torch.Tensor, dim: int, block: int, count: int) -> torch.Tensor:
     """Per-unit sums written out with explicit slices (independent of `unit_scores`)."""
     if dim == 0:
-        return torch.stack([matrix[u * block:(u + 1) * block].sum() for u in range(count)])
-    return torch.stack([matrix[:, u * block:(u + 1) * block].sum() for u in range(count)])
+        return torch.stack([matrix[u * block : (u + 1) * block].sum() for u in range(count)])
+    return torch.stack([matrix[:, u * block : (u + 1) * block].sum() for u in range(count)])
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])
@@ -31,11 +31,9 @@ def test_taylor_matches_full_batch_autograd(batch_size):
         expected = torch.zeros(family.count)
         for slicing in family.matrices:
             linear = reference.get_submodule(slicing.module)
-            expected += _unit_sums((linear.weight * linear.weight.grad).abs(), slicing.dim, slicing.block,
-                                   family.count)
+            expected += _unit_sums((linear.weight * linear.weight.grad).abs(), slicing.dim, slicing.block, family.count)
             if slicing.dim == 0:  # the tiny model has biases: sliced (and scored) with their rows
-                expected += _unit_sums((linear.bias * linear.bias.grad).abs()[:, None], 0, slicing.block,
-                                       family.count)
+                expected += _unit_sums((linear.bias * linear.bias.grad).abs()[:, None], 0, slicing.block, family.count)
         torch.testing.assert_close(scores[family.key], expected.detach(), rtol=2e-4, atol=1e-6)
 
 
@@ -59,8 +57,11 @@ def test_wanda_sp_matches_direct_computation():
     inputs = {}
     handles = [
         model.get_submodule(s.module).register_forward_hook(
-            lambda _m, args, _out, name=s.module: inputs.__setitem__(name, args[0]))
-        for f in families for s in f.matrices if s.dim == 1
+            lambda _m, args, _out, name=s.module: inputs.__setitem__(name, args[0])
+        )
+        for f in families
+        for s in f.matrices
+        if s.dim == 1
     ]
     with torch.no_grad():
         model(input_ids=batches)

@@ -37,8 +37,9 @@ from loraprune.structure import get_adapter
 from model_pruning_helpers import lora_model as tiny_lora_model
 from tiny_models import tiny_model
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
+)
 
 WORKER = Path(__file__).parent / "distributed_scripts" / "worker.py"
 PROCESSES = 2
@@ -47,22 +48,68 @@ STEPS = 8
 
 
 def prune_model_args(work: Path, output: Path, batch: int) -> list[str]:
-    return ["prune-model", "--model", str(work / "model"), "--method", "loraprune", "--sparsity", "0.3",
-            "--steps", str(STEPS), "--prune-every", "2", "--calibration-data", str(work / "text.txt"),
-            "--seq-len", "32", "--lora-rank", "4", "--learning-rate", "1e-2", "--batch-size", str(batch),
-            "--output", str(output)]
+    return [
+        "prune-model",
+        "--model",
+        str(work / "model"),
+        "--method",
+        "loraprune",
+        "--sparsity",
+        "0.3",
+        "--steps",
+        str(STEPS),
+        "--prune-every",
+        "2",
+        "--calibration-data",
+        str(work / "text.txt"),
+        "--seq-len",
+        "32",
+        "--lora-rank",
+        "4",
+        "--learning-rate",
+        "1e-2",
+        "--batch-size",
+        str(batch),
+        "--output",
+        str(output),
+    ]
 
 
 def prune_adapter_args(work: Path, output: Path, batch: int) -> list[str]:
-    return ["prune-adapter", "--model", str(work / "model"), "--data", str(work / "sft.jsonl"),
-            "--max-answer-tokens", "24", "--r0", "8", "--rank", "2", "--schedule", "global", "--steps", str(STEPS),
-            "--prune-every", "2", "--learning-rate", "1e-2", "--logging-steps", "100", "--batch-size", str(batch),
-            "--output", str(output)]
+    return [
+        "prune-adapter",
+        "--model",
+        str(work / "model"),
+        "--data",
+        str(work / "sft.jsonl"),
+        "--max-answer-tokens",
+        "24",
+        "--r0",
+        "8",
+        "--rank",
+        "2",
+        "--schedule",
+        "global",
+        "--steps",
+        str(STEPS),
+        "--prune-every",
+        "2",
+        "--learning-rate",
+        "1e-2",
+        "--logging-steps",
+        "100",
+        "--batch-size",
+        str(batch),
+        "--output",
+        str(output),
+    ]
 
 
 def fsdp_runs(work: Path) -> list[dict]:
-    return [{"model_dir": str(work / "model"), "method": method, "steps": STEPS, "global_batch": GLOBAL_BATCH}
-            for method in ("loraprune", "prunedlora")]
+    return [
+        {"model_dir": str(work / "model"), "method": method, "steps": STEPS, "global_batch": GLOBAL_BATCH}
+        for method in ("loraprune", "prunedlora")
+    ]
 
 
 def write_inputs(work: Path) -> None:
@@ -75,8 +122,11 @@ def write_inputs(work: Path) -> None:
     records = []
     for _ in range(16):
         a, b = rng.randint(1, 30), rng.randint(1, 30)
-        records.append(json.dumps({"question": f"how many apples are {a} and {b}?",
-                                   "answer": f"there are {a + b} apples #### {a + b}"}))
+        records.append(
+            json.dumps(
+                {"question": f"how many apples are {a} and {b}?", "answer": f"there are {a + b} apples #### {a + b}"}
+            )
+        )
     (work / "sft.jsonl").write_text("\n".join(records) + "\n")
 
 
@@ -86,13 +136,25 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     work = tmp_path_factory.mktemp("distributed")
     write_inputs(work)
     batch = GLOBAL_BATCH // PROCESSES
-    spec = {"commands": [prune_model_args(work, work / "ddp-model", batch),
-                         prune_adapter_args(work, work / "ddp-adapter", batch)],
-            "fsdp": fsdp_runs(work)}
+    spec = {
+        "commands": [
+            prune_model_args(work, work / "ddp-model", batch),
+            prune_adapter_args(work, work / "ddp-adapter", batch),
+        ],
+        "fsdp": fsdp_runs(work),
+    }
     (work / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(PROCESSES),
-               str(WORKER), str(work)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(PROCESSES),
+        str(WORKER),
+        str(work),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
@@ -109,8 +171,9 @@ def test_only_the_main_process_writes_and_reports(launched):
 def test_ddp_loraprune_matches_one_process(launched, tmp_path, one_thread):
     work, _ = launched
     assert main(prune_model_args(work, tmp_path / "single", GLOBAL_BATCH)) == 0
-    reports = [json.loads((path / "loraprune_report.json").read_text()) for path in (tmp_path / "single",
-                                                                                      work / "ddp-model")]
+    reports = [
+        json.loads((path / "loraprune_report.json").read_text()) for path in (tmp_path / "single", work / "ddp-model")
+    ]
     assert reports[1]["masks"] == reports[0]["masks"]
     assert reports[1]["sparsity_decoder"] == pytest.approx(0.3, abs=0.01)
     weights = [load_file(path / "model.safetensors") for path in (tmp_path / "single", work / "ddp-model")]
@@ -124,8 +187,10 @@ def test_ddp_loraprune_matches_one_process(launched, tmp_path, one_thread):
 def test_ddp_prunedlora_matches_one_process(launched, tmp_path, one_thread):
     work, _ = launched
     assert main(prune_adapter_args(work, tmp_path / "single", GLOBAL_BATCH)) == 0
-    ranks = [json.loads((path / "pruned_ranks.json").read_text())["ranks"] for path in (tmp_path / "single",
-                                                                                         work / "ddp-adapter")]
+    ranks = [
+        json.loads((path / "pruned_ranks.json").read_text())["ranks"]
+        for path in (tmp_path / "single", work / "ddp-adapter")
+    ]
     assert ranks[1] == ranks[0]
     assert sum(ranks[1].values()) == 2 * 14  # global budget: average rank 2 over 2 layers x 7 modules
     weights = [load_file(path / "adapter_model.safetensors") for path in (tmp_path / "single", work / "ddp-adapter")]
@@ -189,8 +254,9 @@ def test_pruners_unwrap_a_ddp_model(tmp_path):
         wrapped = DistributedDataParallel(plain)
         pruner = ModelPruner(wrapped, 4, PruningTarget(sparsity=0.3))
         assert pruner.model is plain
-        ranks = RankPruner(DistributedDataParallel(add_lora(tiny_model(), r=8, alpha=8)),
-                           RankPruningConfig(r0=8, rank=2, alpha=8), 4).ranks()
+        ranks = RankPruner(
+            DistributedDataParallel(add_lora(tiny_model(), r=8, alpha=8)), RankPruningConfig(r0=8, rank=2, alpha=8), 4
+        ).ranks()
         assert len(ranks) == 2 * 7 and all(name.startswith("model.layers.") for name in ranks)
     finally:
         dist.destroy_process_group()

@@ -57,9 +57,19 @@ def _prune(model, unit: str, per_layer: list[int]):
 def _logits_without_loraprune(tmp_path, model_dir, tokens, trust_remote_code: bool) -> torch.Tensor:
     torch.save(tokens, tmp_path / "tokens.pt")
     result = subprocess.run(
-        [sys.executable, "-c", LOAD_WITHOUT_LORAPRUNE, str(model_dir), "1" if trust_remote_code else "0",
-         str(tmp_path / "tokens.pt"), str(tmp_path / "logits.pt")],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            LOAD_WITHOUT_LORAPRUNE,
+            str(model_dir),
+            "1" if trust_remote_code else "0",
+            str(tmp_path / "tokens.pt"),
+            str(tmp_path / "logits.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "loraprune not importable" in result.stdout

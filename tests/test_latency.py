@@ -70,14 +70,38 @@ def test_unmerged_lora_layers_count_as_the_linear_layers_they_are(tiny_llama):
 
 
 def test_summaries_and_ratios_from_hand_numbers():
-    dense = ModelCost("dense", params=200, flops=4000, forward_ms=[3.0, 1.0, 2.0, 10.0], generation_s=[2.0, 1.0, 4.0],
-                      generated_tokens=8, batch_size=2)
-    pruned = ModelCost("pruned", params=100, flops=1000, forward_ms=[5.0, 5.0, 6.0, 4.0], generation_s=[1.0],
-                       generated_tokens=8, batch_size=2)
+    dense = ModelCost(
+        "dense",
+        params=200,
+        flops=4000,
+        forward_ms=[3.0, 1.0, 2.0, 10.0],
+        generation_s=[2.0, 1.0, 4.0],
+        generated_tokens=8,
+        batch_size=2,
+    )
+    pruned = ModelCost(
+        "pruned",
+        params=100,
+        flops=1000,
+        forward_ms=[5.0, 5.0, 6.0, 4.0],
+        generation_s=[1.0],
+        generated_tokens=8,
+        batch_size=2,
+    )
     assert dense.forward_median_ms == 2.5 and dense.forward_iqr_ms == pytest.approx(4.75 - 1.75)
     assert dense.tokens_per_s == 8.0  # 16 tokens in 2, 1, 4 s -> 8, 16, 4 tokens/s
-    result = LatencyResult([dense, pruned], batch_size=2, seq_len=4, gen_tokens=8, repeats=4, warmup=0, seed=0,
-                           device="cpu", dtype="float32", threads=1)
+    result = LatencyResult(
+        [dense, pruned],
+        batch_size=2,
+        seq_len=4,
+        gen_tokens=8,
+        repeats=4,
+        warmup=0,
+        seed=0,
+        device="cpu",
+        dtype="float32",
+        threads=1,
+    )
     assert result.ratios() == {"pruned": {"forward_ms": 2.0, "tokens_per_s": 2.0, "params": 0.5, "flops": 0.25}}
     assert result.to_dict()["reference"] == "dense"
     assert "pruned / dense: forward_ms 2.000, tokens_per_s 2.000, params 0.500, flops 0.250" in str(result)
@@ -91,8 +115,9 @@ def test_repeats_are_interleaved_after_warmup_and_summarised_by_the_median(tiny_
         inner = model.get_base_model() if name == "adapter" else model
         inner.register_forward_pre_hook(lambda *_, n=name: calls.append(n))
     warmup, repeats, gen_tokens = 2, 3, 4
-    result = measure_latency(models, batch_size=2, seq_len=8, repeats=repeats, warmup=warmup, gen_tokens=gen_tokens,
-                             progress=False)
+    result = measure_latency(
+        models, batch_size=2, seq_len=8, repeats=repeats, warmup=warmup, gen_tokens=gen_tokens, progress=False
+    )
     # forward phase then generation phase, each (warmup + repeats) rounds of dense, adapter
     assert [name for name, _ in groupby(calls)] == ["dense", "adapter"] * 2 * (warmup + repeats)
     assert calls.count("dense") == calls.count("adapter") == (warmup + repeats) * (1 + gen_tokens)
@@ -121,9 +146,34 @@ def test_generation_length_is_fixed_even_when_every_other_token_is_eos(tiny_llam
 def test_eval_latency_puts_the_baseline_first_so_ratios_read_pruned_over_dense(tiny_model_dir, tmp_path, capsys):
     pruned_dir, out = tmp_path / "pruned", tmp_path / "cost.json"
     assert main(["prune-model", "--model", str(tiny_model_dir), "--sparsity", "0.3", "--output", str(pruned_dir)]) == 0
-    assert main(["eval", "--model", str(pruned_dir), "--latency", "--baseline", str(tiny_model_dir),
-                 "--latency-batch", "2", "--latency-seq-len", "16", "--gen-tokens", "3", "--repeats", "2",
-                 "--warmup", "1", "--device", "cpu", "--no-progress", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(pruned_dir),
+                "--latency",
+                "--baseline",
+                str(tiny_model_dir),
+                "--latency-batch",
+                "2",
+                "--latency-seq-len",
+                "16",
+                "--gen-tokens",
+                "3",
+                "--repeats",
+                "2",
+                "--warmup",
+                "1",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert "perplexity" not in report  # --latency alone: no perplexity unless --data is given
     latency = report["latency"]

@@ -45,12 +45,17 @@ def test_estimated_gradient_matches_elementwise_definition():
     torch.testing.assert_close(-estimated_gradient(a, b, g_a, g_b, second_order=True), step)
 
 
-def _lora_linear_grads(r: int, in_features: int = 6, out_features: int = 5, orthogonal_a: bool = False,
-                       zero_b: bool = False):
+def _lora_linear_grads(
+    r: int, in_features: int = 6, out_features: int = 5, orthogonal_a: bool = False, zero_b: bool = False
+):
     """Gradients of a loss through a PEFT LoRA linear layer, and the full-weight gradient G_W of the same loss."""
     torch.manual_seed(3)
-    model = add_lora(tiny_model(hidden=in_features, heads=1, kv_heads=1, head_dim=in_features), r=r, alpha=3.0,
-                     target_modules=["up_proj"])
+    model = add_lora(
+        tiny_model(hidden=in_features, heads=1, kv_heads=1, head_dim=in_features),
+        r=r,
+        alpha=3.0,
+        target_modules=["up_proj"],
+    )
     layer = unwrap_model(model).model.layers[0].mlp.up_proj
     assert isinstance(layer, LoraLayer)
     lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
@@ -102,11 +107,13 @@ def _hand_scores(model, family, second_order: bool = False) -> torch.Tensor:
         w = layer.base_layer.weight + s * b @ a
         importance = (g_hat * w).abs().detach()
         if slicing.dim == 0:
-            per_unit = torch.stack([importance[u * slicing.block:(u + 1) * slicing.block].sum()
-                                    for u in range(family.count)])
+            per_unit = torch.stack(
+                [importance[u * slicing.block : (u + 1) * slicing.block].sum() for u in range(family.count)]
+            )
         else:
-            per_unit = torch.stack([importance[:, u * slicing.block:(u + 1) * slicing.block].sum()
-                                    for u in range(family.count)])
+            per_unit = torch.stack(
+                [importance[:, u * slicing.block : (u + 1) * slicing.block].sum() for u in range(family.count)]
+            )
         vectors.append(per_unit / per_unit.norm())
     return sum(vectors)
 
@@ -179,6 +186,7 @@ def test_partial_lora_scores_only_wrapped_matrices():
     _backward(model)
     family = next(f for f in get_adapter(model).families(unwrap_model(model)) if f.kind == "attention")
     scores = LoraGuidedCriterion().gradient_scores(model, [family])[family.key]
-    wrapped = type(family)(**{**family.__dict__, "matrices": tuple(
-        m for m in family.matrices if m.module.endswith(("q_proj", "v_proj")))})
+    wrapped = type(family)(
+        **{**family.__dict__, "matrices": tuple(m for m in family.matrices if m.module.endswith(("q_proj", "v_proj")))}
+    )
     torch.testing.assert_close(scores, _hand_scores(model, wrapped))

@@ -113,7 +113,8 @@ def test_trainer_bf16_autocast_on_cpu_prunes_like_float32(one_thread):
     model = lora_model()
     dtypes: set[torch.dtype] = set()
     unwrap_model(model).model.layers[0].mlp.up_proj.base_layer.register_forward_hook(
-        lambda _m, _a, output: dtypes.add(output.dtype))
+        lambda _m, _a, output: dtypes.add(output.dtype)
+    )
     callback = LoRAPruneCallback(PruningTarget(sparsity=0.3), LoRAPruneConfig(prune_every=2))
     train(model, token_dataset(), COLLATOR, training(8, bf16=True), callbacks=[callback])
     assert dtypes == {torch.bfloat16}  # autocast was on
@@ -228,8 +229,9 @@ def test_fp16_trainer_hands_the_pruner_unscaled_gradients():
         model = lora_model().cuda()
         callback = LoRAPruneCallback(PruningTarget(sparsity=0.3), LoRAPruneConfig(prune_every=2))
         recorder = GradientNorms()
-        train(model, token_dataset(), COLLATOR, training(4, fp16=fp16, max_grad_norm=0.0),
-              callbacks=[callback, recorder])
+        train(
+            model, token_dataset(), COLLATOR, training(4, fp16=fp16, max_grad_norm=0.0), callbacks=[callback, recorder]
+        )
         assert callback.pruner.skipped_steps == 0 or fp16  # a first fp16 step may overflow and be skipped
         norms.append(recorder.norms)
     finite = [(a, b) for a, b in zip(*norms) if b == b and b != float("inf")]
@@ -286,8 +288,10 @@ def test_lora_guided_scores_dequantize_one_matrix_at_a_time(monkeypatch):
     criterion = LoraGuidedCriterion()
     expected = criterion.gradient_scores(model, families)
     for layer in root.model.layers:
-        for linear in (*[getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")],
-                       *[getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]):
+        for linear in (
+            *[getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")],
+            *[getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")],
+        ):
             base = linear.get_base_layer()
             base.weight = _fake_packed(base.weight)
     assert is_kbit_model(model)
@@ -336,8 +340,14 @@ def test_loraprune_on_kbit_weights_shrinks_a_full_precision_copy(monkeypatch, on
         loraprune(tiny_model(layers=3), windows, LoraSettings(steps=4), PruningTarget(0.3), LoRAPruneConfig())
     settings = LoraSettings(steps=6, rank=4, learning_rate=1e-2)
     quantized = tiny_model(layers=3)
-    run, masks = loraprune(quantized, windows, settings, PruningTarget(sparsity=0.3), LoRAPruneConfig(prune_every=2),
-                           full_precision_base=lambda: tiny_model(layers=3))
+    run, masks = loraprune(
+        quantized,
+        windows,
+        settings,
+        PruningTarget(sparsity=0.3),
+        LoRAPruneConfig(prune_every=2),
+        full_precision_base=lambda: tiny_model(layers=3),
+    )
     assert run.pruner.finished and run.model is not run.pruner.model
     ids = token_dataset(count=2, seed=3)[0]["input_ids"][None]
     with torch.no_grad():
@@ -359,8 +369,9 @@ def test_quantized_loading_needs_cuda(tiny_model_dir):
 def test_quantized_loading_names_the_missing_package(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name == "bitsandbytes" else real_find_spec(name, *args))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *args: None if name == "bitsandbytes" else real_find_spec(name, *args)
+    )
     with pytest.raises(LoraPruneError, match=r"pip install bitsandbytes"):
         require_kbit_support("8bit", "cuda:0")
     with pytest.raises(LoraPruneError, match="must be one of"):
@@ -378,8 +389,23 @@ def test_quantization_configs():
 
 def test_memory_options_reach_both_commands(tmp_path):
     parser = build_parser()
-    args = parser.parse_args(["prune-model", "--output", str(tmp_path), "--method", "loraprune", "--steps", "3",
-                              "--quantize", "4bit", "--bf16", "--gradient-checkpointing", "--dtype", "bfloat16"])
+    args = parser.parse_args(
+        [
+            "prune-model",
+            "--output",
+            str(tmp_path),
+            "--method",
+            "loraprune",
+            "--steps",
+            "3",
+            "--quantize",
+            "4bit",
+            "--bf16",
+            "--gradient-checkpointing",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
     config = dataclass_from_args(PruneModelConfig, args)
     assert (config.quantize, config.bf16, config.fp16, config.gradient_checkpointing) == ("4bit", True, False, True)
     args = parser.parse_args(["prune-adapter", "--quantize", "8bit", "--bf16", "--gradient-checkpointing"])
@@ -406,8 +432,16 @@ def test_prune_model_api_passes_memory_options_to_the_training(tiny_model_dir, t
     monkeypatch.setattr(api, "loraprune", spy)
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    config = PruneModelConfig(output=str(tmp_path / "out"), model=str(tiny_model_dir), method="loraprune", steps=2,
-                              calibration_data=str(text), seq_len=16, bf16=True, gradient_checkpointing=True)
+    config = PruneModelConfig(
+        output=str(tmp_path / "out"),
+        model=str(tiny_model_dir),
+        method="loraprune",
+        steps=2,
+        calibration_data=str(text),
+        seq_len=16,
+        bf16=True,
+        gradient_checkpointing=True,
+    )
     with pytest.raises(RuntimeError, match="stop after"):
         api.prune_model(config)
     training_config = seen["settings"].training_config()
@@ -418,8 +452,9 @@ def test_prune_model_api_passes_memory_options_to_the_training(tiny_model_dir, t
 
 
 def _quantized(model_dir, kind: str, device: str = "cpu"):
-    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization_config(kind, torch.float32),
-                                                device_map={"": device})
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=quantization_config(kind, torch.float32), device_map={"": device}
+    )
 
 
 def _bypass_gpu_check(monkeypatch) -> None:
@@ -476,9 +511,18 @@ def test_prune_model_on_4bit_weights_end_to_end(tiny_model_dir, tmp_path, monkey
     _bypass_gpu_check(monkeypatch)
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. Question: how many apples are there? " * 40)
-    config = PruneModelConfig(output=str(tmp_path / "out"), model=str(tiny_model_dir), method="loraprune",
-                              sparsity=0.25, steps=6, calibration_data=str(text), seq_len=16, batch_size=2,
-                              quantize="4bit", gradient_checkpointing=True)
+    config = PruneModelConfig(
+        output=str(tmp_path / "out"),
+        model=str(tiny_model_dir),
+        method="loraprune",
+        sparsity=0.25,
+        steps=6,
+        calibration_data=str(text),
+        seq_len=16,
+        batch_size=2,
+        quantize="4bit",
+        gradient_checkpointing=True,
+    )
     result = prune_model(config, LoRAPruneConfig(prune_every=2))
     report = result.report
     dense, _ = load_model(str(tiny_model_dir))
@@ -499,10 +543,37 @@ def test_prune_adapter_on_4bit_weights_end_to_end(tiny_model_dir, data_dir, tmp_
 
     _bypass_gpu_check(monkeypatch)
     output = tmp_path / "adapter"
-    assert main(["prune-adapter", "--model", str(tiny_model_dir), "--data", str(data_dir / "gsm8k" / "train.jsonl"),
-                 "--train-limit", "8", "--max-answer-tokens", "24", "--r0", "8", "--rank", "2", "--steps", "4",
-                 "--batch-size", "2", "--prune-every", "2", "--output", str(output), "--quantize", "4bit",
-                 "--gradient-checkpointing"]) == 0
+    assert (
+        main(
+            [
+                "prune-adapter",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(data_dir / "gsm8k" / "train.jsonl"),
+                "--train-limit",
+                "8",
+                "--max-answer-tokens",
+                "24",
+                "--r0",
+                "8",
+                "--rank",
+                "2",
+                "--steps",
+                "4",
+                "--batch-size",
+                "2",
+                "--prune-every",
+                "2",
+                "--output",
+                str(output),
+                "--quantize",
+                "4bit",
+                "--gradient-checkpointing",
+            ]
+        )
+        == 0
+    )
     report = json.loads((output / "loraprune_report.json").read_text())
     assert report["settings"]["run"]["quantize"] == "4bit" and report["settings"]["training"]["gradient_checkpointing"]
     assert report["total_rank_after"] == 2 * 7 * 2
@@ -539,13 +610,35 @@ def test_memory_benchmark_records_results_and_failures(tmp_path, monkeypatch, on
 
     monkeypatch.setattr(benchmark, "build_model", build)
     out = tmp_path / "memory"
-    assert benchmark.main(["--device", "cpu", "--shapes", "tiny", "--scaling-shapes", "--batches", "2x16",
-                           "--methods", "loraprune", "taylor", "--precisions", "fp32", "bf16-weights",
-                           "--checkpointing", "off", "--output-dir", str(out)]) == 0
+    assert (
+        benchmark.main(
+            [
+                "--device",
+                "cpu",
+                "--shapes",
+                "tiny",
+                "--scaling-shapes",
+                "--batches",
+                "2x16",
+                "--methods",
+                "loraprune",
+                "taylor",
+                "--precisions",
+                "fp32",
+                "bf16-weights",
+                "--checkpointing",
+                "off",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "memory_options.json").read_text())
     rows = {row["key"]: row for row in results["measurements"]}
-    assert set(rows) == {f"tiny/{m}/{p}/no-ckpt/2x16" for m in ("loraprune", "taylor")
-                         for p in ("fp32", "bf16-weights")}
+    assert set(rows) == {
+        f"tiny/{m}/{p}/no-ckpt/2x16" for m in ("loraprune", "taylor") for p in ("fp32", "bf16-weights")
+    }
     for method in ("loraprune", "taylor"):
         ok, failed = rows[f"tiny/{method}/fp32/no-ckpt/2x16"], rows[f"tiny/{method}/bf16-weights/no-ckpt/2x16"]
         assert ok["peak_mib"] >= 0 and ok["parameters"] > 0 and "error" not in ok

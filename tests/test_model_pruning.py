@@ -90,8 +90,14 @@ def test_masked_model_equals_shrunk_and_merged_model():
 
 
 def test_layer_range_uniform_allocation_and_separate_kind_targets():
-    target = PruningTarget(sparsity=0.0, attention_sparsity=1 / 3, mlp_sparsity=0.25, layers="1-2",
-                           allocation="uniform", attention_unit="query_head")
+    target = PruningTarget(
+        sparsity=0.0,
+        attention_sparsity=1 / 3,
+        mlp_sparsity=0.25,
+        layers="1-2",
+        allocation="uniform",
+        attention_unit="query_head",
+    )
     _, pruner, _ = _run(target, LoRAPruneConfig(prune_every=2, warmup=0.0, cooldown=0.0), steps=10)
     assert pruner.masks["layers.0.attention"].all() and pruner.masks["layers.0.mlp"].all()
     for layer in (1, 2):
@@ -187,10 +193,12 @@ def test_default_model_custom_loop_prunes_to_target_without_base_gradients(defau
 
     model, tokenizer = load_model(str(default_model_dir))
     model = add_lora(model, r=4)
-    pruner = ModelPruner(model, 3, PruningTarget(sparsity=0.2), LoRAPruneConfig(prune_every=1, warmup=0.0,
-                                                                                   cooldown=0.0))
-    ids = tokenizer("Structured pruning removes whole attention heads and MLP channels while LoRA trains. " * 2,
-                    return_tensors="pt").input_ids
+    pruner = ModelPruner(
+        model, 3, PruningTarget(sparsity=0.2), LoRAPruneConfig(prune_every=1, warmup=0.0, cooldown=0.0)
+    )
+    ids = tokenizer(
+        "Structured pruning removes whole attention heads and MLP channels while LoRA trains. " * 2, return_tensors="pt"
+    ).input_ids
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     for _ in range(3):
         model(input_ids=ids, labels=ids).loss.backward()

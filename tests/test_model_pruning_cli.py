@@ -23,9 +23,18 @@ def text_file(tmp_path: Path) -> Path:
 
 
 def test_loraprune_api_saves_the_shrunk_merged_model(tiny_model_dir, text_file, tmp_path):
-    config = PruneModelConfig(output=str(tmp_path / "out"), model=str(tiny_model_dir), method="loraprune",
-                              sparsity=0.25, steps=8, calibration_data=str(text_file), seq_len=16, batch_size=2,
-                              eval_data=str(text_file), eval_seq_len=16)
+    config = PruneModelConfig(
+        output=str(tmp_path / "out"),
+        model=str(tiny_model_dir),
+        method="loraprune",
+        sparsity=0.25,
+        steps=8,
+        calibration_data=str(text_file),
+        seq_len=16,
+        batch_size=2,
+        eval_data=str(text_file),
+        eval_seq_len=16,
+    )
     result = prune_model(config, LoRAPruneConfig(prune_every=2))
     report = result.report
     assert report["sparsity_decoder"] == pytest.approx(0.25, abs=0.01)
@@ -43,9 +52,29 @@ def test_loraprune_api_saves_the_shrunk_merged_model(tiny_model_dir, text_file, 
 @pytest.mark.parametrize(("method", "steps"), [("taylor", "3"), ("wanda-sp", "0")])
 def test_one_shot_baselines_with_and_without_recovery(method, steps, tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / method
-    code = main(["prune-model", "--model", str(tiny_model_dir), "--output", str(out), "--method", method,
-                 "--sparsity", "0.3", "--steps", steps, "--calibration-data", str(text_file), "--seq-len", "16",
-                 "--calibration-samples", "4", "--batch-size", "2"])
+    code = main(
+        [
+            "prune-model",
+            "--model",
+            str(tiny_model_dir),
+            "--output",
+            str(out),
+            "--method",
+            method,
+            "--sparsity",
+            "0.3",
+            "--steps",
+            steps,
+            "--calibration-data",
+            str(text_file),
+            "--seq-len",
+            "16",
+            "--calibration-samples",
+            "4",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "loraprune_report.json").read_text())
@@ -58,15 +87,37 @@ def test_one_shot_baselines_with_and_without_recovery(method, steps, tiny_model_
 
 
 def test_loraprune_needs_steps(tiny_model_dir, tmp_path, capsys):
-    code = main(["prune-model", "--model", str(tiny_model_dir), "--output", str(tmp_path / "x"),
-                 "--method", "loraprune", "--sparsity", "0.2"])
+    code = main(
+        [
+            "prune-model",
+            "--model",
+            str(tiny_model_dir),
+            "--output",
+            str(tmp_path / "x"),
+            "--method",
+            "loraprune",
+            "--sparsity",
+            "0.2",
+        ]
+    )
     assert code == 2
     assert "--steps N" in capsys.readouterr().err
 
 
 def test_unknown_method_lists_the_methods(tiny_model_dir, tmp_path, capsys):
-    code = main(["prune-model", "--model", str(tiny_model_dir), "--output", str(tmp_path / "x"),
-                 "--method", "lora-guided", "--sparsity", "0.2"])
+    code = main(
+        [
+            "prune-model",
+            "--model",
+            str(tiny_model_dir),
+            "--output",
+            str(tmp_path / "x"),
+            "--method",
+            "lora-guided",
+            "--sparsity",
+            "0.2",
+        ]
+    )
     assert code == 2
     assert "loraprune, taylor, wanda-sp, magnitude, random" in capsys.readouterr().err
 
@@ -76,9 +127,19 @@ def test_unmerged_adapter_is_saved_beside_the_shrunk_base(tiny_model_dir, text_f
 
     from loraprune.evaluation.perplexity import evaluate_perplexity
 
-    config = PruneModelConfig(output=str(tmp_path / "out"), model=str(tiny_model_dir), method="loraprune",
-                              sparsity=0.25, steps=4, calibration_data=str(text_file), seq_len=16, batch_size=2,
-                              eval_data=str(text_file), eval_seq_len=16, merge_adapter=False)
+    config = PruneModelConfig(
+        output=str(tmp_path / "out"),
+        model=str(tiny_model_dir),
+        method="loraprune",
+        sparsity=0.25,
+        steps=4,
+        calibration_data=str(text_file),
+        seq_len=16,
+        batch_size=2,
+        eval_data=str(text_file),
+        eval_seq_len=16,
+        merge_adapter=False,
+    )
     result = prune_model(config, LoRAPruneConfig(prune_every=2, warmup=0.0, cooldown=0.0))
     base, tokenizer = load_model(str(result.output))
     assert sum(p.numel() for p in base.parameters()) == result.report["params_after"]
@@ -95,9 +156,29 @@ def test_unmerged_adapter_is_saved_beside_the_shrunk_base(tiny_model_dir, text_f
 def test_the_documented_loraprune_command_line(tiny_model_dir, text_file, tmp_path):
     """`prune-model --method loraprune --sparsity S --steps N --data FILE --output DIR`, as the README writes it."""
     out = tmp_path / "lp"
-    code = main(["prune-model", "--model", str(tiny_model_dir), "--method", "loraprune", "--sparsity", "0.25",
-                 "--steps", "4", "--prune-every", "1", "--data", str(text_file), "--output", str(out),
-                 "--seq-len", "16", "--batch-size", "2"])
+    code = main(
+        [
+            "prune-model",
+            "--model",
+            str(tiny_model_dir),
+            "--method",
+            "loraprune",
+            "--sparsity",
+            "0.25",
+            "--steps",
+            "4",
+            "--prune-every",
+            "1",
+            "--data",
+            str(text_file),
+            "--output",
+            str(out),
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "loraprune_report.json").read_text())
     assert report["sparsity_decoder"] == pytest.approx(0.25, abs=0.01)

@@ -31,8 +31,9 @@ def _trainer(output_dir, callbacks):
     args = training_arguments(training(STEPS), str(output_dir))
     args = dataclasses.replace(args, save_strategy="steps", save_steps=SAVE_EVERY)
     model = lora_model()
-    return model, Trainer(model=model, args=args, data_collator=COLLATOR, train_dataset=token_dataset(),
-                          callbacks=callbacks)
+    return model, Trainer(
+        model=model, args=args, data_collator=COLLATOR, train_dataset=token_dataset(), callbacks=callbacks
+    )
 
 
 def _lora_state(model) -> dict[str, torch.Tensor]:

@@ -64,8 +64,10 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert models.cache_dir() == Path.home() / ".cache" / "loraprune"
 
 
-@pytest.mark.parametrize("name,expected", [("fp32", torch.float32), ("bf16", torch.bfloat16),
-                                           ("float16", torch.float16), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "name,expected",
+    [("fp32", torch.float32), ("bf16", torch.bfloat16), ("float16", torch.float16), (torch.bfloat16, torch.bfloat16)],
+)
 def test_parse_dtype(name, expected):
     assert parse_dtype(name) is expected
 
@@ -86,8 +88,9 @@ def test_load_model_gives_the_saved_model_in_eval_mode_with_padding(tiny_model_d
 
 
 def test_load_model_with_adapter_matches_the_adapted_model(tmp_path, tiny_model_dir, tiny_llama):
-    peft_model = get_peft_model(tiny_llama, LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
-                                                       init_lora_weights=False))
+    peft_model = get_peft_model(
+        tiny_llama, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    )
     peft_model.save_pretrained(tmp_path / "adapter")
     model, _ = load_model(str(tiny_model_dir), adapter=str(tmp_path / "adapter"))
     ids = torch.tensor([[5, 17, 42, 3, 99]])

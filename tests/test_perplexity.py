@@ -39,8 +39,16 @@ def _reference_nll(model, tokenizer, text, seq_len, max_tokens=None):
 
 @pytest.mark.parametrize("seq_len,max_tokens", [(32, None), (17, 100)])
 def test_perplexity_equals_a_direct_computation(tiny_llama, tiny_tokenizer, text_file, seq_len, max_tokens):
-    result = evaluate_perplexity(tiny_llama, tiny_tokenizer, str(text_file), seq_len=seq_len,
-                                 max_tokens=max_tokens, batch_size=3, model_name="tiny", progress=False)
+    result = evaluate_perplexity(
+        tiny_llama,
+        tiny_tokenizer,
+        str(text_file),
+        seq_len=seq_len,
+        max_tokens=max_tokens,
+        batch_size=3,
+        model_name="tiny",
+        progress=False,
+    )
     nll, predicted = _reference_nll(tiny_llama, tiny_tokenizer, TEXT, seq_len, max_tokens)
     assert result.nll == pytest.approx(nll, rel=1e-5)
     assert result.perplexity == pytest.approx(math.exp(nll), rel=1e-5)
@@ -67,11 +75,13 @@ def test_scoring_restores_the_training_mode(tiny_llama):
 
 def test_peft_model_scores_like_its_merged_model(tiny_llama, tiny_tokenizer, text_file):
     base = evaluate_perplexity(tiny_llama, tiny_tokenizer, str(text_file), seq_len=32, progress=False)
-    peft_model = get_peft_model(tiny_llama, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
-                                                       init_lora_weights=False))
+    peft_model = get_peft_model(
+        tiny_llama, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    )
     adapted = evaluate_perplexity(peft_model, tiny_tokenizer, str(text_file), seq_len=32, progress=False)
-    merged = evaluate_perplexity(peft_model.merge_and_unload(), tiny_tokenizer, str(text_file), seq_len=32,
-                                 progress=False)
+    merged = evaluate_perplexity(
+        peft_model.merge_and_unload(), tiny_tokenizer, str(text_file), seq_len=32, progress=False
+    )
     assert adapted.perplexity == pytest.approx(merged.perplexity, rel=1e-5)
     assert adapted.perplexity != pytest.approx(base.perplexity, rel=1e-3)
 

@@ -26,13 +26,35 @@ def _prune(model_dir: Path, out: Path, *extra: str) -> int:
 
 def test_magnitude_prune_writes_a_loadable_model_and_its_report(tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "pruned"
-    assert _prune(tiny_model_dir, out, "--method", "magnitude", "--sparsity", "0.25",
-                  "--eval-data", str(text_file), "--eval-seq-len", "16") == 0
+    assert (
+        _prune(
+            tiny_model_dir,
+            out,
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "0.25",
+            "--eval-data",
+            str(text_file),
+            "--eval-seq-len",
+            "16",
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "25.00% removed" in printed and "perplexity" in printed
     report = json.loads((out / "loraprune_report.json").read_text())
-    for key in ("params_before", "params_after", "sparsity_decoder", "sparsity_total", "layers",
-                "perplexity_before", "perplexity_after", "prunable_layers", "file_size_bytes"):
+    for key in (
+        "params_before",
+        "params_after",
+        "sparsity_decoder",
+        "sparsity_total",
+        "layers",
+        "perplexity_before",
+        "perplexity_after",
+        "prunable_layers",
+        "file_size_bytes",
+    ):
         assert key in report
     assert report["sparsity_decoder"] == pytest.approx(0.25, abs=0.01)
     model, _ = load_model(str(out))
@@ -143,8 +165,9 @@ def test_default_model_masked_equals_shrunk_and_reloads(default_model_dir, tmp_p
     budget = plan_budget(families, prunable, 0.3)
     scores = {f.key: torch.rand(f.count, generator=torch.Generator().manual_seed(f.layer)) for f in families}
     masks = select(families, scores, full_masks(families), budget, prunable_layers=prunable)
-    tokens = tokenizer("Structured pruning removes whole attention heads and MLP channels.",
-                       return_tensors="pt").input_ids
+    tokens = tokenizer(
+        "Structured pruning removes whole attention heads and MLP channels.", return_tensors="pt"
+    ).input_ids
     model.double()
     with torch.no_grad(), MaskHooks(model, families, masks):
         masked = model(tokens).logits

@@ -12,11 +12,34 @@ from loraprune.rank_pruning.config import RankPruningConfig
 
 
 def run_cli(tiny_model_dir, data_dir, output, *extra):
-    return main([
-        "prune-adapter", "--model", str(tiny_model_dir), "--data", str(data_dir / "gsm8k" / "train.jsonl"),
-        "--train-limit", "8", "--max-answer-tokens", "24", "--r0", "8", "--rank", "2", "--steps", "6",
-        "--batch-size", "2", "--prune-every", "2", "--logging-steps", "100", "--output", str(output), *extra,
-    ])
+    return main(
+        [
+            "prune-adapter",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(data_dir / "gsm8k" / "train.jsonl"),
+            "--train-limit",
+            "8",
+            "--max-answer-tokens",
+            "24",
+            "--r0",
+            "8",
+            "--rank",
+            "2",
+            "--steps",
+            "6",
+            "--batch-size",
+            "2",
+            "--prune-every",
+            "2",
+            "--logging-steps",
+            "100",
+            "--output",
+            str(output),
+            *extra,
+        ]
+    )
 
 
 def test_cli_prunes_saves_and_the_adapter_loads(tiny_model_dir, data_dir, tmp_path, capsys):
@@ -83,8 +106,9 @@ def test_default_model_adapter_names_the_cached_base_and_loads_with_stock_peft(d
 
     output = tmp_path / "adapter"
     run, exported = prune_adapter(
-        AdapterRunConfig(data=str(data_dir / "gsm8k" / "train.jsonl"), output=str(output), train_limit=2,
-                         max_answer_tokens=16),
+        AdapterRunConfig(
+            data=str(data_dir / "gsm8k" / "train.jsonl"), output=str(output), train_limit=2, max_answer_tokens=16
+        ),
         RankPruningConfig(r0=8, rank=2, schedule="global", prune_every=1, warmup=0.0, cooldown=0.0),
         TrainingConfig(steps=2, batch_size=1, learning_rate=1e-2),
     )
@@ -93,8 +117,20 @@ def test_default_model_adapter_names_the_cached_base_and_loads_with_stock_peft(d
     assert config["base_model_name_or_path"] == resolve_model_path("smollm2-135m")
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
     torch.save(ids, tmp_path / "ids.pt")
-    result = subprocess.run([sys.executable, "-c", STOCK_LOADER, str(output), str(tmp_path / "ids.pt"),
-                             str(tmp_path / "logits.pt"), "float64"], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            STOCK_LOADER,
+            str(output),
+            str(tmp_path / "ids.pt"),
+            str(tmp_path / "logits.pt"),
+            "float64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
         expected = run.model.double()(ids).logits

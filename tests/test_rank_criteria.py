@@ -85,7 +85,7 @@ def test_wanda_scores_are_input_norms_of_each_component_times_its_b_column():
     x = torch.randn(40, 9, generator=torch.Generator().manual_seed(12), dtype=F64)
     direct = torch.stack([(x @ weight_a[j]).norm() * weight_b[:, j].norm() for j in range(5)])
     gram_z = weight_a @ (x.T @ x / 40) @ weight_a.T  # the mean Gram E[z zᵀ] the pruner accumulates
-    torch.testing.assert_close(wanda_scores(weight_b, gram_z) * 40 ** 0.5, direct)
+    torch.testing.assert_close(wanda_scores(weight_b, gram_z) * 40**0.5, direct)
 
 
 def test_zeroing_plans_zero_the_lowest_scores_and_move_nothing_else():
@@ -143,7 +143,8 @@ def test_activation_stats_are_the_component_gram_of_training_inputs():
     inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(modules))}
     for index, module in enumerate(modules):
         module.layer.register_forward_pre_hook(
-            lambda _m, args, i=index: inputs[i].append(args[0].detach().reshape(-1, args[0].shape[-1])))
+            lambda _m, args, i=index: inputs[i].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        )
     model.train()
     with torch.no_grad():
         model(token_batch(batch=2, seed=1))
@@ -191,15 +192,24 @@ def test_an_event_removes_what_the_direct_computation_picks(criterion):
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.data.normal_(0, 0.2)
-    config = RankPruningConfig(r0=r0, rank=r0 - remove, criterion=criterion, prune_every=2, per_event=remove,
-                               warmup=0.0, cooldown=0.0, use_gradient=False)  # taylor keeps its gradients anyway
+    config = RankPruningConfig(
+        r0=r0,
+        rank=r0 - remove,
+        criterion=criterion,
+        prune_every=2,
+        per_event=remove,
+        warmup=0.0,
+        cooldown=0.0,
+        use_gradient=False,
+    )  # taylor keeps its gradients anyway
     pruner = RankPruner(model, config, total_steps=2)
     modules = pruner.modules
     before = [(m.lora_a.detach().clone(), m.lora_b.detach().clone()) for m in modules]
     inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(modules))}
     for index, module in enumerate(modules):
         module.layer.register_forward_pre_hook(
-            lambda _m, args, i=index: inputs[i].append(args[0].detach().reshape(-1, args[0].shape[-1]).double()))
+            lambda _m, args, i=index: inputs[i].append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
+        )
     grads: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     model.train()
     for step in (1, 2):
@@ -242,11 +252,25 @@ def test_every_criterion_reaches_the_target_in_training_and_exports(tmp_path, cr
     base_dir = tmp_path / "base"
     tiny_model(seed=0).save_pretrained(base_dir)
     model = lora_model(r0=8)
-    config = RankPruningConfig(r0=8, rank=3, criterion=criterion, schedule=schedule, prune_every=2, per_event=2,
-                               warmup=0.1, cooldown=0.3, normalization="none" if criterion == "obs" else "l2")
+    config = RankPruningConfig(
+        r0=8,
+        rank=3,
+        criterion=criterion,
+        schedule=schedule,
+        prune_every=2,
+        per_event=2,
+        warmup=0.1,
+        cooldown=0.3,
+        normalization="none" if criterion == "obs" else "l2",
+    )
     callback = RankPruningCallback(config)
-    train(model, token_dataset(), collate, TrainingConfig(steps=12, batch_size=4, learning_rate=2e-2,
-                                                          logging_steps=50), callbacks=[callback])
+    train(
+        model,
+        token_dataset(),
+        collate,
+        TrainingConfig(steps=12, batch_size=4, learning_rate=2e-2, logging_steps=50),
+        callbacks=[callback],
+    )
     pruner = callback.pruner
     assert pruner.finished
     ranks = pruner.ranks()
@@ -256,8 +280,9 @@ def test_every_criterion_reaches_the_target_in_training_and_exports(tmp_path, cr
         assert sum(ranks.values()) == 3 * len(ranks)
     assert all((event.predicted_loss_change is None) == (criterion != "obs") for event in pruner.history)
 
-    exported = export_pruned_adapter(model, pruner.active_components(), tmp_path / "adapter",
-                                     base_model_name_or_path=str(base_dir))
+    exported = export_pruned_adapter(
+        model, pruner.active_components(), tmp_path / "adapter", base_model_name_or_path=str(base_dir)
+    )
     assert exported.ranks == {name: rank for name, rank in ranks.items() if rank > 0}
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter").eval()
     ids = token_batch(batch=2, length=9, seed=5)

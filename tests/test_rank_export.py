@@ -55,8 +55,9 @@ def trained_pruned_adapter(base_dir=None, r0=8, rank=3):
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.data.normal_(0, 0.2)
-    config = RankPruningConfig(r0=r0, rank=rank, alpha=2 * r0, schedule="global", prune_every=1,
-                               warmup=0.0, cooldown=0.0)
+    config = RankPruningConfig(
+        r0=r0, rank=rank, alpha=2 * r0, schedule="global", prune_every=1, warmup=0.0, cooldown=0.0
+    )
     pruner = RankPruner(model, config, total_steps=1)
     ids = token_batch(batch=3, length=10)
     model(input_ids=ids, labels=ids).loss.backward()
@@ -69,8 +70,9 @@ def trained_pruned_adapter(base_dir=None, r0=8, rank=3):
 def test_stock_peft_loads_the_shrunk_adapter_with_identical_logits(tmp_path):
     base_dir = tmp_path / "base"
     model, pruner = trained_pruned_adapter(base_dir)
-    exported = export_pruned_adapter(model, pruner.active_components(), tmp_path / "adapter",
-                                     base_model_name_or_path=str(base_dir))
+    exported = export_pruned_adapter(
+        model, pruner.active_components(), tmp_path / "adapter", base_model_name_or_path=str(base_dir)
+    )
     ranks = pruner.ranks()
     assert pruner.modules[0].name in exported.dropped
     assert exported.dropped == [name for name, rank in ranks.items() if rank == 0]
@@ -95,9 +97,17 @@ def test_stock_peft_loads_the_shrunk_adapter_with_identical_logits(tmp_path):
         expected = model(ids).logits
     torch.save(ids, tmp_path / "ids.pt")
     result = subprocess.run(
-        [sys.executable, "-c", STOCK_LOADER, str(tmp_path / "adapter"), str(tmp_path / "ids.pt"),
-         str(tmp_path / "logits.pt")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            STOCK_LOADER,
+            str(tmp_path / "adapter"),
+            str(tmp_path / "ids.pt"),
+            str(tmp_path / "logits.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = torch.load(tmp_path / "logits.pt")

@@ -100,8 +100,7 @@ def test_block_and_sequential_removal_match_brute_force(seed, newton):
 def test_downdate_is_inverse_of_the_remaining_block():
     _, _, hessian = random_problem(5)
     keep = [0, 1, 3, 4, 5]
-    torch.testing.assert_close(downdate_inverse(torch.linalg.inv(hessian), 2),
-                               torch.linalg.inv(hessian[keep][:, keep]))
+    torch.testing.assert_close(downdate_inverse(torch.linalg.inv(hessian), 2), torch.linalg.inv(hessian[keep][:, keep]))
 
 
 @pytest.mark.parametrize("newton", [False, True])

@@ -110,9 +110,13 @@ def test_trainer_callback_prunes_without_reactivation():
     model = lora_model(r0=8)
     config = RankPruningConfig(r0=8, rank=3, prune_every=2, per_event=2, warmup=0.1, cooldown=0.5)
     callback, keep = RankPruningCallback(config), Snapshot(at=10)
-    train(model, token_dataset(), collate,
-          TrainingConfig(steps=20, batch_size=4, learning_rate=5e-2, weight_decay=0.1, logging_steps=50),
-          callbacks=[callback, keep])
+    train(
+        model,
+        token_dataset(),
+        collate,
+        TrainingConfig(steps=20, batch_size=4, learning_rate=5e-2, weight_decay=0.1, logging_steps=50),
+        callbacks=[callback, keep],
+    )
     pruner = callback.pruner
     assert pruner.finished and pruner.history[-1].step == 10  # pruning ended at step 10, training ran to 20
     assert set(pruner.ranks().values()) == {3}
@@ -131,8 +135,13 @@ def test_global_budget_is_met_exactly_with_adaptive_ranks():
     model = lora_model(r0=8)
     config = RankPruningConfig(r0=8, rank=3, schedule="global", prune_every=2, min_rank=1, removal="sequential")
     callback = RankPruningCallback(config)
-    train(model, token_dataset(), collate, TrainingConfig(steps=12, batch_size=4, learning_rate=2e-2,
-                                                          logging_steps=50), callbacks=[callback])
+    train(
+        model,
+        token_dataset(),
+        collate,
+        TrainingConfig(steps=12, batch_size=4, learning_rate=2e-2, logging_steps=50),
+        callbacks=[callback],
+    )
     ranks = list(callback.pruner.ranks().values())
     assert sum(ranks) == 3 * len(ranks)
     assert min(ranks) >= 1
@@ -141,8 +150,9 @@ def test_global_budget_is_met_exactly_with_adaptive_ranks():
 
 def test_plain_loop_api_matches_the_schedule():
     model = lora_model(r0=6)
-    config = RankPruningConfig(r0=6, rank=2, prune_every=1, per_event=1, warmup=0.0, cooldown=0.0,
-                               curvature="batch", newton_step=True)
+    config = RankPruningConfig(
+        r0=6, rank=2, prune_every=1, per_event=1, warmup=0.0, cooldown=0.0, curvature="batch", newton_step=True
+    )
     pruner = RankPruner(model, config, total_steps=4)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = collate(token_dataset(4))

@@ -26,8 +26,24 @@ def text_file(tmp_path: Path) -> Path:
 
 
 def _prune_model(model_dir: Path, text: Path, out: Path, *extra: str) -> int:
-    return main(["prune-model", "--model", str(model_dir), "--output", str(out), "--calibration-data", str(text),
-                 "--seq-len", "16", "--batch-size", "2", "--sparsity", "0.25", *extra])
+    return main(
+        [
+            "prune-model",
+            "--model",
+            str(model_dir),
+            "--output",
+            str(out),
+            "--calibration-data",
+            str(text),
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--sparsity",
+            "0.25",
+            *extra,
+        ]
+    )
 
 
 def _figures(record: dict) -> dict:
@@ -51,8 +67,24 @@ def _assert_self_contained(html: str, images: int) -> None:
 
 def test_loraprune_run_writes_its_report_and_the_cli_redraws_it(tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "pruned"
-    assert _prune_model(tiny_model_dir, text_file, out, "--method", "loraprune", "--steps", "8", "--prune-every",
-                        "2", "--eval-data", str(text_file), "--eval-seq-len", "16") == 0
+    assert (
+        _prune_model(
+            tiny_model_dir,
+            text_file,
+            out,
+            "--method",
+            "loraprune",
+            "--steps",
+            "8",
+            "--prune-every",
+            "2",
+            "--eval-data",
+            str(text_file),
+            "--eval-seq-len",
+            "16",
+        )
+        == 0
+    )
     record = json.loads((out / "loraprune_report.json").read_text())
     training = record["training"]
     assert [e["step"] for e in training["loss_history"]] == list(range(1, 9))  # logged every step (8 // 10 -> 1)
@@ -123,10 +155,38 @@ def test_a_failing_report_leaves_no_output(tiny_model_dir, text_file, tmp_path, 
 
 def test_prune_adapter_writes_its_report_with_the_rank_heatmap(tiny_model_dir, data_dir, tmp_path):
     out = tmp_path / "adapter"
-    assert main(["prune-adapter", "--model", str(tiny_model_dir), "--data", str(data_dir / "gsm8k" / "train.jsonl"),
-                 "--train-limit", "8", "--max-answer-tokens", "24", "--r0", "8", "--rank", "2", "--steps", "12",
-                 "--batch-size", "2", "--prune-every", "2", "--schedule", "global", "--logging-steps", "1",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prune-adapter",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(data_dir / "gsm8k" / "train.jsonl"),
+                "--train-limit",
+                "8",
+                "--max-answer-tokens",
+                "24",
+                "--r0",
+                "8",
+                "--rank",
+                "2",
+                "--steps",
+                "12",
+                "--batch-size",
+                "2",
+                "--prune-every",
+                "2",
+                "--schedule",
+                "global",
+                "--logging-steps",
+                "1",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     record = load_record(out)
     assert record["command"] == "prune-adapter"
     ranks_file = json.loads((out / "pruned_ranks.json").read_text())
@@ -141,8 +201,9 @@ def test_prune_adapter_writes_its_report_with_the_rank_heatmap(tiny_model_dir, d
         _assert_png(out / name)
     assert not (out / contents.WIDTHS_PNG).exists()
     markdown = (out / "report.md").read_text()
-    assert (f"| adapter parameters | {record['adapter_params_before']:,} | {record['adapter_params_after']:,} |"
-            in markdown)
+    assert (
+        f"| adapter parameters | {record['adapter_params_before']:,} | {record['adapter_params_after']:,} |" in markdown
+    )
     assert "| r0 | 8 |" in markdown and "| schedule | global |" in markdown
     assert "Perplexity was not evaluated" in markdown
     _assert_self_contained((out / "report.html").read_text(), images=3)
@@ -162,10 +223,15 @@ def test_prune_adapter_writes_its_report_with_the_rank_heatmap(tiny_model_dir, d
     assert (out / "report.md").read_text() == markdown
 
 
-@pytest.mark.parametrize(("setup", "message"), [
-    ("missing", "has no loraprune_report.json"), ("no-record", "has no loraprune_report.json"),
-    ("not-json", "is not valid JSON"), ("other-command", "not the record of a prune-model or prune-adapter run"),
-])
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "has no loraprune_report.json"),
+        ("no-record", "has no loraprune_report.json"),
+        ("not-json", "is not valid JSON"),
+        ("other-command", "not the record of a prune-model or prune-adapter run"),
+    ],
+)
 def test_report_command_refuses_a_directory_without_a_record(tmp_path, capsys, setup, message):
     directory = tmp_path / "run"
     if setup != "missing":
@@ -179,13 +245,24 @@ def test_report_command_refuses_a_directory_without_a_record(tmp_path, capsys, s
     assert not (directory / "report.md").exists()
 
 
-def test_report_to_is_a_list_of_trackers_and_tensorboard_needs_a_directory(tiny_model_dir, text_file, tmp_path,
-                                                                             capsys):
+def test_report_to_is_a_list_of_trackers_and_tensorboard_needs_a_directory(tiny_model_dir, text_file, tmp_path, capsys):
     with pytest.raises(ConfigError, match="--logging-dir"):
         TrainingConfig(report_to="tensorboard")
     assert training_arguments(TrainingConfig(report_to="none"), str(tmp_path)).report_to == []
     # prune-model hands --report-to to the LoRA training and checks it before pruning
-    assert _prune_model(tiny_model_dir, text_file, tmp_path / "o", "--method", "loraprune", "--steps", "4",
-                        "--report-to", "tensorboard") == 2
+    assert (
+        _prune_model(
+            tiny_model_dir,
+            text_file,
+            tmp_path / "o",
+            "--method",
+            "loraprune",
+            "--steps",
+            "4",
+            "--report-to",
+            "tensorboard",
+        )
+        == 2
+    )
     assert "--logging-dir" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -45,11 +45,11 @@ def test_sparsity_out_of_range_is_refused():
 
 def test_uniform_allocation_removes_the_same_number_everywhere():
     families = _families()
-    budget = plan_budget(families, list(range(4)), 0.25, allocation="uniform", attention_sparsity=1 / 3,
-                         mlp_sparsity=0.25)
+    budget = plan_budget(
+        families, list(range(4)), 0.25, allocation="uniform", attention_sparsity=1 / 3, mlp_sparsity=0.25
+    )
     scores = {f.key: torch.rand(f.count) for f in families}
-    masks = select(families, scores, full_masks(families), budget, prunable_layers=list(range(4)),
-                   allocation="uniform")
+    masks = select(families, scores, full_masks(families), budget, prunable_layers=list(range(4)), allocation="uniform")
     assert {int((~masks[f.key]).sum()) for f in families if f.kind == "mlp"} == {6}
     assert {int((~masks[f.key]).sum()) for f in families if f.kind == "attention"} == {1}
 
@@ -67,10 +67,20 @@ def test_global_selection_takes_the_lowest_scores_and_respects_prunable_layers()
 def test_selection_is_monotone():
     families = _families()
     prunable = list(range(4))
-    first = select(families, {f.key: torch.rand(f.count) for f in families}, full_masks(families),
-                   plan_budget(families, prunable, 0.2), prunable_layers=prunable)
-    second = select(families, {f.key: torch.rand(f.count) for f in families}, first,
-                    plan_budget(families, prunable, 0.4), prunable_layers=prunable)
+    first = select(
+        families,
+        {f.key: torch.rand(f.count) for f in families},
+        full_masks(families),
+        plan_budget(families, prunable, 0.2),
+        prunable_layers=prunable,
+    )
+    second = select(
+        families,
+        {f.key: torch.rand(f.count) for f in families},
+        first,
+        plan_budget(families, prunable, 0.4),
+        prunable_layers=prunable,
+    )
     for key in first:
         assert not (second[key] & ~first[key]).any()  # nothing comes back
 

@@ -189,9 +189,13 @@ def test_layer_by_layer_statistics_are_those_of_the_pruned_model():
     masks = prune_layer_by_layer(model, batches, modules, InputHessian, prune, batch_size=4)
     assert set(masks) == set(modules)
     seen = {}
-    hooks = [base_linear(model, name).register_forward_pre_hook(
-        lambda _m, args, n=name: seen.setdefault(n, args[0].reshape(-1, args[0].shape[-1]))) for name in modules
-        if name.endswith("q_proj")]
+    hooks = [
+        base_linear(model, name).register_forward_pre_hook(
+            lambda _m, args, n=name: seen.setdefault(n, args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for name in modules
+        if name.endswith("q_proj")
+    ]
     with torch.no_grad():
         model(input_ids=batches)
     for hook in hooks:
@@ -208,7 +212,8 @@ def test_one_shot_methods_prune_every_projection_to_the_pattern(method):
     batches = token_batch(batch=8, length=12)
     first_q_input = {}
     handle = base_linear(model, "model.layers.0.self_attn.q_proj").register_forward_pre_hook(
-        lambda _m, args: first_q_input.setdefault("x", args[0].reshape(-1, args[0].shape[-1]).clone()))
+        lambda _m, args: first_q_input.setdefault("x", args[0].reshape(-1, args[0].shape[-1]).clone())
+    )
     with torch.no_grad():
         model(input_ids=batches)
     handle.remove()
@@ -250,8 +255,10 @@ def _randomise_lora(model, seed: int = 0) -> None:
 
 def _random_masks(model, pattern: NMPattern, seed: int = 1) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return {name: pattern_mask(torch.rand(base_linear(model, name).weight.shape, generator=generator), pattern)
-            for name in nm_modules(model, pattern)}
+    return {
+        name: pattern_mask(torch.rand(base_linear(model, name).weight.shape, generator=generator), pattern)
+        for name in nm_modules(model, pattern)
+    }
 
 
 def test_masked_forward_equals_the_merged_masked_model():
@@ -324,8 +331,9 @@ def test_masked_forward_refuses_layers_it_cannot_reproduce():
 # ------------------------------------------------------------------------------------------ LoRAPrune N:M
 
 
-@pytest.mark.parametrize(("pattern", "events"), [(NMPattern(2, 4), ["3:4", "2:4"]),
-                                                 (NMPattern(4, 8), ["7:8", "6:8", "5:8", "4:8"])])
+@pytest.mark.parametrize(
+    ("pattern", "events"), [(NMPattern(2, 4), ["3:4", "2:4"]), (NMPattern(4, 8), ["7:8", "6:8", "5:8", "4:8"])]
+)
 def test_loraprune_nm_custom_loop(pattern, events):
     """Moving-average element importance, cubic per-group schedule, monotone masks chosen by the scores,
     masked forward == merged model, and the merged model holds the pattern exactly."""
@@ -414,10 +422,35 @@ def _check_saved_model(out: Path, pattern: NMPattern) -> dict:
 
 def test_prune_nm_loraprune_saves_a_stock_model_holding_the_pattern(tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "nm"
-    assert _prune_nm(tiny_model_dir, out, "--method", "loraprune", "--pattern", "2:4", "--steps", "4",
-                     "--prune-every", "1", "--warmup", "0", "--cooldown", "0", "--batch-size", "2",
-                     "--seq-len", "16", "--calibration-data", str(text_file), "--eval-data", str(text_file),
-                     "--eval-seq-len", "16") == 0
+    assert (
+        _prune_nm(
+            tiny_model_dir,
+            out,
+            "--method",
+            "loraprune",
+            "--pattern",
+            "2:4",
+            "--steps",
+            "4",
+            "--prune-every",
+            "1",
+            "--warmup",
+            "0",
+            "--cooldown",
+            "0",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--calibration-data",
+            str(text_file),
+            "--eval-data",
+            str(text_file),
+            "--eval-seq-len",
+            "16",
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "2:4" in printed and "perplexity" in printed
     report = _check_saved_model(out, NMPattern(2, 4))
@@ -427,19 +460,44 @@ def test_prune_nm_loraprune_saves_a_stock_model_holding_the_pattern(tiny_model_d
 
 def test_prune_nm_sparsegpt_with_masked_recovery(tiny_model_dir, text_file, tmp_path):
     out = tmp_path / "nm"
-    assert _prune_nm(tiny_model_dir, out, "--method", "sparsegpt", "--pattern", "4:8", "--steps", "2",
-                     "--batch-size", "2", "--seq-len", "16", "--calibration-samples", "4",
-                     "--calibration-data", str(text_file), "--eval-data", str(text_file), "--eval-seq-len", "16") == 0
+    assert (
+        _prune_nm(
+            tiny_model_dir,
+            out,
+            "--method",
+            "sparsegpt",
+            "--pattern",
+            "4:8",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--calibration-samples",
+            "4",
+            "--calibration-data",
+            str(text_file),
+            "--eval-data",
+            str(text_file),
+            "--eval-seq-len",
+            "16",
+        )
+        == 0
+    )
     report = _check_saved_model(out, NMPattern(4, 8))
     assert report["perplexity_one_shot"] is not None and report["training"]["steps"] == 2
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    (("--pattern", "4:4"), "1 <= N < M"),
-    (("--pattern", "2:3"), "not a multiple of M=3"),
-    (("--method", "loraprune"), "--steps"),
-    (("--method", "sparsegpt", "--pattern", "2:4", "--sparsegpt-block-size", "6"), "multiple of M=4"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (("--pattern", "4:4"), "1 <= N < M"),
+        (("--pattern", "2:3"), "not a multiple of M=3"),
+        (("--method", "loraprune"), "--steps"),
+        (("--method", "sparsegpt", "--pattern", "2:4", "--sparsegpt-block-size", "6"), "multiple of M=4"),
+    ],
+)
 def test_prune_nm_refuses_bad_settings(tiny_model_dir, tmp_path, capsys, options, message):
     assert _prune_nm(tiny_model_dir, tmp_path / "o", "--method", "magnitude", *options) == 2
     assert message in capsys.readouterr().err
@@ -482,4 +540,3 @@ def test_default_model_loraprune_2_4_masked_equals_merged(default_model_dir):
     summary = nm_summary(merged, nm_modules(merged, NMPattern(2, 4)), NMPattern(2, 4))
     assert summary["modules"] == 210 and summary["violating_groups"] == 0
     assert summary["zeros"] == summary["weights"] // 2 == 106_168_320 // 2
-

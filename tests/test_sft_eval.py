@@ -9,8 +9,10 @@ from loraprune.data import SFTRecord, tokenize_sft
 from loraprune.errors import ConfigError
 from loraprune.evaluation.sft import SFTEvalConfig, answer_nll, evaluate_answer_nll
 
-RECORDS = [SFTRecord("How many apples?", "There are 12 apples. #### 12"),
-           SFTRecord("And the dog?", "The lazy dog. #### 1")]
+RECORDS = [
+    SFTRecord("How many apples?", "There are 12 apples. #### 12"),
+    SFTRecord("And the dog?", "The lazy dog. #### 1"),
+]
 
 
 def test_answer_nll_is_the_token_weighted_mean_of_the_models_own_loss(tiny_llama, tiny_tokenizer, one_thread):

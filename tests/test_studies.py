@@ -21,8 +21,11 @@ def write_sweep(results: Path, name: str, points: list[tuple[dict, dict]], pendi
 
 
 def criteria_points(nll) -> list[tuple[dict, dict]]:
-    return [({"rank_pruning.criterion": c, "rank_pruning.removed_fraction": f}, {"test_nll": nll(c, f)})
-            for c in studies.CRITERIA for f in (0.5, 0.75, 0.875, 0.9375)]
+    return [
+        ({"rank_pruning.criterion": c, "rank_pruning.removed_fraction": f}, {"test_nll": nll(c, f)})
+        for c in studies.CRITERIA
+        for f in (0.5, 0.75, 0.875, 0.9375)
+    ]
 
 
 def by_claim(summary: dict, title_start: str) -> list[dict]:
@@ -66,9 +69,14 @@ def test_a_best_setting_is_incomplete_until_every_value_ran_and_names_the_best(t
 
 
 def test_schedule_verdict_places_the_papers_cell(tmp_path):
-    cells = [({"rank_pruning.prune_every": k1, "rank_pruning.per_event": k2},
-              {"test_nll": 1 + abs(k1 - 10) / 100 + abs(k2 - 2) / 10, "pruning_events": 3})
-             for k1 in (1, 10, 50) for k2 in (1, 2, 8)]
+    cells = [
+        (
+            {"rank_pruning.prune_every": k1, "rank_pruning.per_event": k2},
+            {"test_nll": 1 + abs(k1 - 10) / 100 + abs(k2 - 2) / 10, "pruning_events": 3},
+        )
+        for k1 in (1, 10, 50)
+        for k2 in (1, 2, 8)
+    ]
     write_sweep(tmp_path, "prunedlora-schedule-cpu", cells)
     summary, lines = studies.build(tmp_path)
     (verdict,) = by_claim(summary, "Schedule")

@@ -59,8 +59,10 @@ class FakeJob:
         if configs["run"].method == self.fail_method:
             raise RuntimeError(f"boom at r0={configs['rank_pruning'].r0}")
         pruning = configs["rank_pruning"]
-        return {"test_nll": pruning.lora_alpha / pruning.r0 + (0.5 if configs["run"].method == "lora" else 0.0),
-                "total_rank": pruning.rank * 14}
+        return {
+            "test_nll": pruning.lora_alpha / pruning.r0 + (0.5 if configs["run"].method == "lora" else 0.0),
+            "total_rank": pruning.rank * 14,
+        }
 
 
 def without_timing(results: dict) -> dict:
@@ -75,32 +77,50 @@ def without_timing(results: dict) -> dict:
 # ---------------------------------------------------------------------------- the spec
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"grdi": {}}, "unknown key 'grdi' (did you mean 'grid'?)"),
-    ({"job": "adaptor"}, "'job' must be one of model, adapter"),
-    ({"grid": {"rank_pruning.alpah": [1.0]}}, "unknown setting 'rank_pruning.alpah' (did you mean 'alpha'?)"),
-    ({"grid": {"rank_pruning.r0": [8, "sixteen"]}}, "rank_pruning.r0: 'sixteen' is not a whole number"),
-    ({"grid": {"rank_pruning.r0": [8.5]}}, "rank_pruning.r0: 8.5 is not a whole number"),
-    ({"grid": {"rank_pruning.schedule": ["cubic"]}}, "rank_pruning.schedule: 'cubic' is not one of per_module, global"),
-    ({"grid": {"rank_pruning.use_gradient": ["yes"]}}, "'yes' is not true or false"),
-    ({"grid": {"trainig.steps": [1]}}, "unknown section 'trainig' in 'trainig.steps' (did you mean 'training'?)"),
-    ({"grid": {"rank_pruning.r0": 8}}, "needs a non-empty list of values"),
-    ({"grid": {"rank_pruning.r0": [8, 8]}}, "repeats a value"),
-    ({"grid": {"rank_pruning.r0": [2, 8]}}, "grid point rank_pruning.r0=2: the final rank must be in [1, r0=2)"),
-    ({"grid": {"run.output": ["x"]}}, "run.output is set by the sweep"),
-    ({"grid": {"training.steps": [1, 2]}}, "training.steps: both fixed and a grid axis"),
-    ({"metrics": ["test_nl"]}, "unknown metric 'test_nl' (did you mean 'test_nll'?)"),
-    ({"fixed": {"training": 3}}, "give it as training: {field: value}"),
-    ({"fixed": {}, "grid": {"rank_pruning.removed_fraction": [0.3]}},
-     "removed_fraction 0.3 of r0=64 leaves 44.8 components"),
-    ({"fixed": {"rank_pruning.alpha": 8.0}, "grid": {"rank_pruning.alpha_over_r0": [1]}},
-     "set either rank_pruning.alpha or rank_pruning.alpha_over_r0, not both"),
-    ({"job": "model", "fixed": {"run": {"eval_data": "wikitext2"}}, "grid": {"run.method": ["magnitude", "l1"]},
-      "metrics": None},
-     "run.method 'l1' is not one of loraprune, taylor"),
-    ({"job": "model", "fixed": {}, "grid": {"run.sparsity": [0.2, 0.4]}, "metrics": None},
-     "metric perplexity_after needs run.eval_data"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"grdi": {}}, "unknown key 'grdi' (did you mean 'grid'?)"),
+        ({"job": "adaptor"}, "'job' must be one of model, adapter"),
+        ({"grid": {"rank_pruning.alpah": [1.0]}}, "unknown setting 'rank_pruning.alpah' (did you mean 'alpha'?)"),
+        ({"grid": {"rank_pruning.r0": [8, "sixteen"]}}, "rank_pruning.r0: 'sixteen' is not a whole number"),
+        ({"grid": {"rank_pruning.r0": [8.5]}}, "rank_pruning.r0: 8.5 is not a whole number"),
+        (
+            {"grid": {"rank_pruning.schedule": ["cubic"]}},
+            "rank_pruning.schedule: 'cubic' is not one of per_module, global",
+        ),
+        ({"grid": {"rank_pruning.use_gradient": ["yes"]}}, "'yes' is not true or false"),
+        ({"grid": {"trainig.steps": [1]}}, "unknown section 'trainig' in 'trainig.steps' (did you mean 'training'?)"),
+        ({"grid": {"rank_pruning.r0": 8}}, "needs a non-empty list of values"),
+        ({"grid": {"rank_pruning.r0": [8, 8]}}, "repeats a value"),
+        ({"grid": {"rank_pruning.r0": [2, 8]}}, "grid point rank_pruning.r0=2: the final rank must be in [1, r0=2)"),
+        ({"grid": {"run.output": ["x"]}}, "run.output is set by the sweep"),
+        ({"grid": {"training.steps": [1, 2]}}, "training.steps: both fixed and a grid axis"),
+        ({"metrics": ["test_nl"]}, "unknown metric 'test_nl' (did you mean 'test_nll'?)"),
+        ({"fixed": {"training": 3}}, "give it as training: {field: value}"),
+        (
+            {"fixed": {}, "grid": {"rank_pruning.removed_fraction": [0.3]}},
+            "removed_fraction 0.3 of r0=64 leaves 44.8 components",
+        ),
+        (
+            {"fixed": {"rank_pruning.alpha": 8.0}, "grid": {"rank_pruning.alpha_over_r0": [1]}},
+            "set either rank_pruning.alpha or rank_pruning.alpha_over_r0, not both",
+        ),
+        (
+            {
+                "job": "model",
+                "fixed": {"run": {"eval_data": "wikitext2"}},
+                "grid": {"run.method": ["magnitude", "l1"]},
+                "metrics": None,
+            },
+            "run.method 'l1' is not one of loraprune, taylor",
+        ),
+        (
+            {"job": "model", "fixed": {}, "grid": {"run.sparsity": [0.2, 0.4]}, "metrics": None},
+            "metric perplexity_after needs run.eval_data",
+        ),
+    ],
+)
 def test_spec_errors_name_the_key_and_the_value(change, message):
     with pytest.raises(ConfigError) as error:
         parse_spec(spec_with(**change))
@@ -108,9 +128,12 @@ def test_spec_errors_name_the_key_and_the_value(change, message):
 
 
 def test_settings_are_converted_to_the_field_types():
-    spec = parse_spec(spec_with(fixed={"training.learning_rate": "1e-3", "rank_pruning": {"alpha": 16,
-                                                                                           "rank": 2}},
-                                grid={"rank_pruning.target_modules": [["q_proj"], ["q_proj", "v_proj"]]}))
+    spec = parse_spec(
+        spec_with(
+            fixed={"training.learning_rate": "1e-3", "rank_pruning": {"alpha": 16, "rank": 2}},
+            grid={"rank_pruning.target_modules": [["q_proj"], ["q_proj", "v_proj"]]},
+        )
+    )
     training, pruning = spec.points[0].configs["training"], spec.points[0].configs["rank_pruning"]
     assert training.learning_rate == 0.001  # PyYAML reads 1e-3 as a string
     assert isinstance(pruning.alpha, float) and pruning.alpha == 16.0
@@ -121,23 +144,34 @@ def test_grid_is_the_cartesian_product_in_order_with_derived_settings():
     spec = parse_spec(ADAPTER_SPEC)
     assert len(spec.points) == 2 * 2 * 3
     assert [p.index for p in spec.points] == list(range(12))
-    assert spec.points[1].settings == {"run.method": "prunedlora", "rank_pruning.r0": 8,
-                                       "rank_pruning.alpha_over_r0": 1.0}  # the last axis varies fastest
-    resolved = [(p.configs["run"].method, p.configs["rank_pruning"].r0, p.configs["rank_pruning"].alpha)
-                for p in spec.points]
+    assert spec.points[1].settings == {
+        "run.method": "prunedlora",
+        "rank_pruning.r0": 8,
+        "rank_pruning.alpha_over_r0": 1.0,
+    }  # the last axis varies fastest
+    resolved = [
+        (p.configs["run"].method, p.configs["rank_pruning"].r0, p.configs["rank_pruning"].alpha) for p in spec.points
+    ]
     assert resolved == [(m, r0, ratio * r0) for m in ("prunedlora", "lora") for r0 in (8, 16) for ratio in (0.5, 1, 2)]
     assert len({p.id for p in spec.points}) == 12
-    fractions = parse_spec(spec_with(fixed={}, grid={"rank_pruning.r0": [64, 256],
-                                                     "rank_pruning.removed_fraction": [0.5, 0.75, 0.875, 0.9375]}))
+    fractions = parse_spec(
+        spec_with(
+            fixed={}, grid={"rank_pruning.r0": [64, 256], "rank_pruning.removed_fraction": [0.5, 0.75, 0.875, 0.9375]}
+        )
+    )
     assert [p.configs["rank_pruning"].rank for p in fractions.points] == [32, 16, 8, 4, 128, 64, 32, 16]
 
 
 def test_point_ids_depend_on_the_settings_only():
-    ids = {p.configs["rank_pruning"].alpha: p.id for p in parse_spec(ADAPTER_SPEC).points
-           if p.configs["run"].method == "lora" and p.configs["rank_pruning"].r0 == 8}
+    ids = {
+        p.configs["rank_pruning"].alpha: p.id
+        for p in parse_spec(ADAPTER_SPEC).points
+        if p.configs["run"].method == "lora" and p.configs["rank_pruning"].r0 == 8
+    }
     # the same points given in another axis order and with 1 written as 1.0: the same ids
-    reordered = spec_with(grid={"rank_pruning.alpha_over_r0": [2.0, 1.0, 0.5], "rank_pruning.r0": [8],
-                                "run.method": ["lora"]})
+    reordered = spec_with(
+        grid={"rank_pruning.alpha_over_r0": [2.0, 1.0, 0.5], "rank_pruning.r0": [8], "run.method": ["lora"]}
+    )
     assert {p.configs["rank_pruning"].alpha: p.id for p in parse_spec(reordered).points} == ids
     # a changed fixed setting: other ids
     changed = spec_with(fixed={"rank_pruning": {"rank": 2}, "training": {"steps": 4}})
@@ -147,11 +181,20 @@ def test_point_ids_depend_on_the_settings_only():
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_example_specs_are_valid(path):
     spec = load_spec(path)
-    expected = {"rank_criteria.yaml": 40, "prunedlora_alpha.yaml": 4, "prunedlora_schedule.yaml": 9,
-                "loraprune_ema.yaml": 4, "loraprune_prune_every.yaml": 3, "rank_criteria_quick.yaml": 5,
-                "rank_criteria_r64_cpu.yaml": 20, "rank_criteria_r256_cpu.yaml": 20,
-                "prunedlora_alpha_cpu.yaml": 4, "prunedlora_schedule_cpu.yaml": 9,
-                "loraprune_ema_cpu.yaml": 4, "loraprune_prune_every_cpu.yaml": 3}
+    expected = {
+        "rank_criteria.yaml": 40,
+        "prunedlora_alpha.yaml": 4,
+        "prunedlora_schedule.yaml": 9,
+        "loraprune_ema.yaml": 4,
+        "loraprune_prune_every.yaml": 3,
+        "rank_criteria_quick.yaml": 5,
+        "rank_criteria_r64_cpu.yaml": 20,
+        "rank_criteria_r256_cpu.yaml": 20,
+        "prunedlora_alpha_cpu.yaml": 4,
+        "prunedlora_schedule_cpu.yaml": 9,
+        "loraprune_ema_cpu.yaml": 4,
+        "loraprune_prune_every_cpu.yaml": 3,
+    }
     assert len(spec.points) == expected[path.name]
     # full studies write under sweeps/; the CPU-sized ones are committed with the benchmark results
     assert str(spec.output) in (f"sweeps/{spec.name}", f"benchmarks/results/sweep-{spec.name}")
@@ -175,7 +218,8 @@ def test_an_interrupted_sweep_resumes_with_the_remaining_points(tmp_path):
     outcome = run_sweep(parse_spec(spec_with(tmp_path / "resumed")), job=rest, progress=False)
     assert [(c["run"].method, c["rank_pruning"].r0, c["rank_pruning"].alpha) for c in rest.calls] == [
         (p.configs["run"].method, p.configs["rank_pruning"].r0, p.configs["rank_pruning"].alpha)
-        for p in spec.points[5:]]
+        for p in spec.points[5:]
+    ]
     assert outcome.reused == [p.id for p in spec.points[:5]] and outcome.ran == [p.id for p in spec.points[5:]]
 
     straight = run_sweep(parse_spec(spec_with(tmp_path / "straight")), job=FakeJob(), progress=False)
@@ -184,8 +228,10 @@ def test_an_interrupted_sweep_resumes_with_the_remaining_points(tmp_path):
     assert without_timing(resumed) == without_timing(straight.results)
     assert resumed["summary"] == {"points": 12, "ok": 12, "failed": 0, "pending": 0}
     # plots: one per numeric axis, none for the categorical method
-    assert sorted(p.name for p in spec.output.glob("*.png")) == ["vs_rank_pruning_alpha_over_r0.png",
-                                                                 "vs_rank_pruning_r0.png"]
+    assert sorted(p.name for p in spec.output.glob("*.png")) == [
+        "vs_rank_pruning_alpha_over_r0.png",
+        "vs_rank_pruning_r0.png",
+    ]
 
 
 def test_a_failed_point_is_recorded_the_sweep_goes_on_and_a_rerun_retries_it(tmp_path):
@@ -205,8 +251,11 @@ def test_a_failed_point_is_recorded_the_sweep_goes_on_and_a_rerun_retries_it(tmp
 def test_a_changed_setting_is_refused_an_extended_grid_reuses_and_fresh_reruns(tmp_path):
     run_sweep(parse_spec(spec_with(tmp_path / "out")), job=FakeJob(), progress=False)
     changed = spec_with(tmp_path / "out", fixed={"rank_pruning": {"rank": 2}, "training": {"steps": 5}})
-    with pytest.raises(ConfigError, match=r"holds 12 finished point\(s\) this spec no longer has \(changed: "
-                                          r"training.steps: 3 -> 5\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"holds 12 finished point\(s\) this spec no longer has \(changed: "
+        r"training.steps: 3 -> 5\)",
+    ):
         run_sweep(parse_spec(changed), job=FakeJob(), progress=False)
     narrowed = spec_with(tmp_path / "out", grid={**ADAPTER_SPEC["grid"], "rank_pruning.r0": [8]})
     with pytest.raises(ConfigError, match=r"grid rank_pruning.r0: \[16\] removed"):
@@ -251,12 +300,23 @@ def test_model_sweep_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, one_th
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     path = tmp_path / "model.yaml"
-    path.write_text(yaml.safe_dump({
-        "job": "model", "metrics": ["perplexity_after", "sparsity_decoder"],
-        "fixed": {"run": {"model": str(tiny_model_dir), "method": "magnitude", "eval_data": str(text),
-                          "eval_seq_len": 16}},
-        "grid": {"run.sparsity": [0.25, 0.5]},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "job": "model",
+                "metrics": ["perplexity_after", "sparsity_decoder"],
+                "fixed": {
+                    "run": {
+                        "model": str(tiny_model_dir),
+                        "method": "magnitude",
+                        "eval_data": str(text),
+                        "eval_seq_len": 16,
+                    }
+                },
+                "grid": {"run.sparsity": [0.25, 0.5]},
+            }
+        )
+    )
     output = tmp_path / "out"
     assert main(["sweep", str(path), "--output", str(output), "--no-progress"]) == 0
     results = json.loads((output / RESULTS_FILE).read_text())
@@ -273,15 +333,27 @@ def test_model_sweep_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, one_th
 
 def test_adapter_sweep_end_to_end_on_a_tiny_model(tiny_model_dir, data_dir, tmp_path, one_thread):
     path = tmp_path / "adapter.yaml"
-    path.write_text(yaml.safe_dump({
-        "job": "adapter", "metrics": ["test_nll", "total_rank"], "keep_outputs": True,
-        "fixed": {"run": {"model": str(tiny_model_dir), "data": str(data_dir / "gsm8k" / "train.jsonl"),
-                          "train_limit": 8, "max_answer_tokens": 24},
-                  "rank_pruning": {"r0": 8, "prune_every": 2},
-                  "training": {"steps": 6, "batch_size": 2, "logging_steps": 100},
-                  "eval": {"data": str(data_dir / "gsm8k" / "test.jsonl"), "problems": 4, "max_answer_tokens": 24}},
-        "grid": {"rank_pruning.removed_fraction": [0.5, 0.75]},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "job": "adapter",
+                "metrics": ["test_nll", "total_rank"],
+                "keep_outputs": True,
+                "fixed": {
+                    "run": {
+                        "model": str(tiny_model_dir),
+                        "data": str(data_dir / "gsm8k" / "train.jsonl"),
+                        "train_limit": 8,
+                        "max_answer_tokens": 24,
+                    },
+                    "rank_pruning": {"r0": 8, "prune_every": 2},
+                    "training": {"steps": 6, "batch_size": 2, "logging_steps": 100},
+                    "eval": {"data": str(data_dir / "gsm8k" / "test.jsonl"), "problems": 4, "max_answer_tokens": 24},
+                },
+                "grid": {"rank_pruning.removed_fraction": [0.5, 0.75]},
+            }
+        )
+    )
     output = tmp_path / "out"
     assert main(["sweep", str(path), "--output", str(output), "--no-progress"]) == 0
     points = json.loads((output / RESULTS_FILE).read_text())["points"]

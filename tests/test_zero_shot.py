@@ -97,8 +97,7 @@ def test_accuracy_equals_direct_scoring_of_every_choice(tiny_llama, tiny_tokeniz
     (task,) = result.tasks
     assert task.metrics["acc"] == pytest.approx(acc) and task.metrics["acc_norm"] == pytest.approx(acc_norm)
     assert task.metrics["acc_stderr"] == pytest.approx((acc * (1 - acc) / (len(DOCS) - 1)) ** 0.5)
-    assert (task.task, task.samples, task.samples_available, task.num_fewshot, task.version) == (
-        TASK, 8, 8, 0, 3.0)
+    assert (task.task, task.samples, task.samples_available, task.num_fewshot, task.version) == (TASK, 8, 8, 0, 3.0)
     assert (result.num_fewshot, result.limit, result.batch_size, result.dtype) == (0, None, 3, "float32")
     printed = str(result)
     assert TASK in printed and f"{acc:.4f}" in printed and "lm-eval" in printed
@@ -120,31 +119,73 @@ def test_eval_cli_on_a_pruned_model_with_per_layer_widths(tiny_model_dir, task_d
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog .\n" * 10)
     out = tmp_path / "result.json"
-    assert main(["eval", "--model", str(pruned), "--tasks", TASK, "--task-dir", str(task_dir), "--data", str(text),
-                 "--seq-len", "16", "--device", "cpu", "--no-progress", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(pruned),
+                "--tasks",
+                TASK,
+                "--task-dir",
+                str(task_dir),
+                "--data",
+                str(text),
+                "--seq-len",
+                "16",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     model, tokenizer = load_model(str(pruned))
     assert model.config.model_type == "loraprune_llama"  # widths differ between layers
     (task,) = report["zero_shot"]["tasks"]
     assert [task["metrics"]["acc"], task["metrics"]["acc_norm"]] == pytest.approx(
-        direct_accuracy(model, tokenizer, DOCS))
+        direct_accuracy(model, tokenizer, DOCS)
+    )
     assert task["samples"] == 8 and task["version"] == 3.0 and report["zero_shot"]["model"] == str(pruned)
     assert report["perplexity"] > 1  # --data given explicitly: perplexity too, in the same file
 
 
-def test_eval_cli_on_a_base_model_with_an_adapter(tiny_model_dir, tiny_llama, tiny_tokenizer, task_dir, tmp_path,
-                                                  capsys):
-    adapted = get_peft_model(tiny_llama, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                    init_lora_weights=False))
+def test_eval_cli_on_a_base_model_with_an_adapter(
+    tiny_model_dir, tiny_llama, tiny_tokenizer, task_dir, tmp_path, capsys
+):
+    adapted = get_peft_model(tiny_llama, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     adapted.save_pretrained(tmp_path / "adapter")
     out = tmp_path / "adapted.json"
-    assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"), "--tasks", TASK,
-                 "--task-dir", str(task_dir), "--batch-size", "5", "--no-progress", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--tasks",
+                TASK,
+                "--task-dir",
+                str(task_dir),
+                "--batch-size",
+                "5",
+                "--no-progress",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert "perplexity" not in report  # --tasks alone: no perplexity
     (task,) = report["zero_shot"]["tasks"]
     assert [task["metrics"]["acc"], task["metrics"]["acc_norm"]] == pytest.approx(
-        direct_accuracy(adapted.eval(), tiny_tokenizer, DOCS))
+        direct_accuracy(adapted.eval(), tiny_tokenizer, DOCS)
+    )
     assert report["adapter"] == str(tmp_path / "adapter") and report["zero_shot"]["batch_size"] == 5
     assert TASK in capsys.readouterr().out
 

@@ -12,15 +12,32 @@ ARCHITECTURES = {
 }
 
 
-def tiny_model(arch: str = "llama", *, heads: int = 4, kv_heads: int = 2, layers: int = 2, hidden: int = 48,
-               intermediate: int = 24, head_dim: int = 8, vocab: int = 64, seed: int = 0,
-               tie: bool = False) -> torch.nn.Module:
+def tiny_model(
+    arch: str = "llama",
+    *,
+    heads: int = 4,
+    kv_heads: int = 2,
+    layers: int = 2,
+    hidden: int = 48,
+    intermediate: int = 24,
+    head_dim: int = 8,
+    vocab: int = 64,
+    seed: int = 0,
+    tie: bool = False,
+) -> torch.nn.Module:
     """A random fp32 causal LM; biases are made non-zero so slicing them is checked too."""
     config_class, model_class = ARCHITECTURES[arch]
     config = config_class(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=64,
-        tie_word_embeddings=tie, attn_implementation="eager",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        attn_implementation="eager",
         **({"attention_bias": True, "mlp_bias": True} if arch == "llama" else {}),
     )
     torch.manual_seed(seed)

@@ -59,7 +59,11 @@ def requested_perplexity(model: nn.Module, tokenizer: Any, config: Any, label: s
         return None
     logger.info("perplexity %s on %s (seq_len %d)", label, config.eval_data, config.eval_seq_len)
     result = evaluate_perplexity(
-        model, tokenizer, config.eval_data, seq_len=config.eval_seq_len, max_tokens=config.eval_max_tokens,
+        model,
+        tokenizer,
+        config.eval_data,
+        seq_len=config.eval_seq_len,
+        max_tokens=config.eval_max_tokens,
         model_name=config.model,
     )
     logger.info("%s", result)
@@ -88,19 +92,35 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
     families = adapter.families(model, config.attention_unit)
     prunable = parse_layers(config.layers, len(adapter.layer_sizes(model)))
     budget = plan_budget(
-        families, prunable, config.sparsity, allocation=config.allocation,
-        attention_sparsity=config.attention_sparsity, mlp_sparsity=config.mlp_sparsity,
+        families,
+        prunable,
+        config.sparsity,
+        allocation=config.allocation,
+        attention_sparsity=config.attention_sparsity,
+        mlp_sparsity=config.mlp_sparsity,
     )
     one_shot = config.method != "loraprune"
     windows = training_windows(tokenizer, config.calibration_data, config.seq_len) if config.steps else None
-    lora = LoraSettings(steps=config.steps, rank=config.lora_rank, alpha=config.lora_alpha,
-                        learning_rate=config.learning_rate, batch_size=config.batch_size, seed=config.seed,
-                        report_to=config.report_to, logging_dir=config.logging_dir, bf16=config.bf16,
-                        fp16=config.fp16, gradient_checkpointing=config.gradient_checkpointing)
+    lora = LoraSettings(
+        steps=config.steps,
+        rank=config.lora_rank,
+        alpha=config.lora_alpha,
+        learning_rate=config.learning_rate,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        report_to=config.report_to,
+        logging_dir=config.logging_dir,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
     if config.steps:
         lora.training_config()  # validates the training options before the long work
-    criterion = get_criterion(config.method, **({"seed": config.seed} if config.method == "random" else {})) \
-        if one_shot else None
+    criterion = (
+        get_criterion(config.method, **({"seed": config.seed} if config.method == "random" else {}))
+        if one_shot
+        else None
+    )
     batches = None
     if criterion is not None and criterion.needs_data:
         batches = calibration_batches(
@@ -114,16 +134,29 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
     training: LoraRun | None = None
     if one_shot:
         scores = criterion.score(model, families, batches)
-        masks = select(families, scores, full_masks(families), budget, prunable_layers=prunable,
-                       allocation=config.allocation)
+        masks = select(
+            families, scores, full_masks(families), budget, prunable_layers=prunable, allocation=config.allocation
+        )
         shrink_model(model, families, masks)
         if config.steps:
             training = train_lora(model, windows, lora)
     else:
-        target = PruningTarget(config.sparsity, config.attention_sparsity, config.mlp_sparsity, config.layers,
-                               config.allocation, config.attention_unit)
-        training, masks = loraprune(model, windows, lora, target, loraprune_config or LoRAPruneConfig(),
-                                    full_precision_base=lambda: load_model(config.model, dtype=config.dtype)[0])
+        target = PruningTarget(
+            config.sparsity,
+            config.attention_sparsity,
+            config.mlp_sparsity,
+            config.layers,
+            config.allocation,
+            config.attention_unit,
+        )
+        training, masks = loraprune(
+            model,
+            windows,
+            lora,
+            target,
+            loraprune_config or LoRAPruneConfig(),
+            full_precision_base=lambda: load_model(config.model, dtype=config.dtype)[0],
+        )
     if training is not None:
         model = training.model.merge_and_unload() if config.merge_adapter else training.model
     prune_seconds = time.perf_counter() - started
@@ -135,7 +168,8 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
         model = split_adapter(training.model, adapter_staging.name)
         extra_dirs[ADAPTER_DIR] = adapter_staging.name
     report = pruning_report(
-        before, model,
+        before,
+        model,
         command="prune-model",
         layers_before=layers_before,
         method=config.method,
@@ -159,8 +193,9 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
         write_run_report(staging)
 
     if is_main_process():  # under torchrun / accelerate launch every process gets here; one writes
-        save_pruned_model(model, tokenizer, output, overwrite=config.overwrite, extra_dirs=extra_dirs,
-                          finalize=write_reports)
+        save_pruned_model(
+            model, tokenizer, output, overwrite=config.overwrite, extra_dirs=extra_dirs, finalize=write_reports
+        )
     wait_for_everyone()
     adapter_staging.cleanup()
     return PruneResult(model=model, tokenizer=tokenizer, output=output, report=report)

@@ -17,8 +17,15 @@ from loraprune.errors import ConfigError
 T = TypeVar("T")
 
 
-def option(default: Any, help: str, *, choices: tuple | None = None, cli: bool = True,
-           aliases: tuple[str, ...] = (), **kwargs: Any) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    cli: bool = True,
+    aliases: tuple[str, ...] = (),
+    **kwargs: Any,
+) -> Any:
     """A dataclass field with help text (and optional choices / extra flag names) for the command line."""
     metadata = {"help": help, "choices": choices, "cli": cli, "aliases": aliases}
     if isinstance(default, (list, dict, set)):
@@ -52,8 +59,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip:
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         help_text = field.metadata.get("help", "")
         if base is bool:
-            parser.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text)
+            parser.add_argument(
+                *flags, dest=field.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
             continue
         kwargs: dict[str, Any] = {"dest": field.name, "default": default, "help": help_text + " (default: %(default)s)"}
         if field.metadata.get("choices"):
@@ -88,8 +96,9 @@ class PruneModelConfig:
         "smollm2-135m", help="local Hugging Face directory, hub id, or the embedded default 'smollm2-135m'"
     )
     method: str = option(
-        "magnitude", help="loraprune (iterative, LoRA-guided, needs --steps) or a one-shot criterion: taylor, "
-        "wanda-sp, magnitude, random"
+        "magnitude",
+        help="loraprune (iterative, LoRA-guided, needs --steps) or a one-shot criterion: taylor, "
+        "wanda-sp, magnitude, random",
     )
     sparsity: float = option(
         0.2,
@@ -117,7 +126,8 @@ class PruneModelConfig:
     )
     layers: str = option("all", help="prunable decoder layers, e.g. 'all', '4-27', '0,2,5-7' (ends inclusive)")
     calibration_data: str = option(
-        "wikitext2", help="text for data-driven criteria and LoRA training: corpus name or text file",
+        "wikitext2",
+        help="text for data-driven criteria and LoRA training: corpus name or text file",
         aliases=("--data",),
     )
     calibration_samples: int = option(16, help="number of calibration windows for one-shot criteria")
@@ -127,9 +137,11 @@ class PruneModelConfig:
     eval_max_tokens: int | None = option(None, help="evaluate on the first N tokens only (default: the whole text)")
     dtype: str = option("float32", help="dtype to load and prune the model in (float32, bfloat16, float16)")
     quantize: str = option(
-        "none", help="load the base weights in 4 or 8 bits with bitsandbytes for the LoRA training (CUDA only, "
+        "none",
+        help="load the base weights in 4 or 8 bits with bitsandbytes for the LoRA training (CUDA only, "
         "--method loraprune; de-quantised to --dtype one matrix at a time for scoring); the pruned model is "
-        "shrunk and merged from the same checkpoint re-loaded in --dtype", choices=QUANTIZE_CHOICES,
+        "shrunk and merged from the same checkpoint re-loaded in --dtype",
+        choices=QUANTIZE_CHOICES,
     )
     bf16: bool = option(False, help="LoRA training in bfloat16 autocast (CUDA or CPU)")
     fp16: bool = option(False, help="LoRA training in float16 autocast with a loss scaler (CUDA only)")
@@ -137,21 +149,24 @@ class PruneModelConfig:
         False, help="LoRA training recomputes activations in the backward pass (less memory, same gradients)"
     )
     steps: int = option(
-        0, help="LoRA training steps, for every method: loraprune prunes during them; the one-shot methods "
-        "fine-tune after pruning (recovery; 0 = none)"
+        0,
+        help="LoRA training steps, for every method: loraprune prunes during them; the one-shot methods "
+        "fine-tune after pruning (recovery; 0 = none)",
     )
     lora_rank: int = option(8, help="rank of the LoRA adapter trained for --steps steps (all seven projections)")
     lora_alpha: float | None = option(None, help="LoRA alpha (default: the rank, i.e. scaling 1)")
     learning_rate: float = option(1e-3, help="peak AdamW learning rate of the LoRA training (linear decay)")
     batch_size: int = option(4, help="windows of seq_len tokens per LoRA training step")
     merge_adapter: bool = option(
-        True, help="merge the trained LoRA adapter into the shrunk weights (--no-merge-adapter: save the shrunk "
-        "base model and the adapter separately, in OUTPUT/adapter)"
+        True,
+        help="merge the trained LoRA adapter into the shrunk weights (--no-merge-adapter: save the shrunk "
+        "base model and the adapter separately, in OUTPUT/adapter)",
     )
     seed: int = option(0, help="seed for calibration sampling, random scores and training")
     report_to: str = option(
-        "none", help="where the LoRA training's metrics go (transformers' report_to): 'none', or trackers such as "
-        "'tensorboard', 'wandb', 'mlflow' (comma-separated, installed separately)"
+        "none",
+        help="where the LoRA training's metrics go (transformers' report_to): 'none', or trackers such as "
+        "'tensorboard', 'wandb', 'mlflow' (comma-separated, installed separately)",
     )
     logging_dir: str | None = option(
         None, help="directory for the trackers' local files (tensorboard event files under LOGGING_DIR/runs/)"
@@ -168,14 +183,20 @@ class PruneModelConfig:
         check(self.attention_unit in ATTENTION_UNITS, f"attention unit must be one of {ATTENTION_UNITS}")
         check(self.calibration_samples >= 1, "calibration samples must be >= 1")
         check(self.seq_len >= 2 and self.eval_seq_len >= 2, "sequence lengths must be >= 2")
-        check(self.eval_max_tokens is None or self.eval_max_tokens >= self.eval_seq_len,
-              "eval-max-tokens must be at least one window (eval-seq-len)")
+        check(
+            self.eval_max_tokens is None or self.eval_max_tokens >= self.eval_seq_len,
+            "eval-max-tokens must be at least one window (eval-seq-len)",
+        )
         check(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
-        check(self.steps >= 1 or self.method != "loraprune",
-              "loraprune prunes while LoRA trains: give the number of training steps (--steps N, e.g. 200)")
+        check(
+            self.steps >= 1 or self.method != "loraprune",
+            "loraprune prunes while LoRA trains: give the number of training steps (--steps N, e.g. 200)",
+        )
         check(self.lora_rank >= 1 and self.batch_size >= 1, "lora-rank and batch-size must be >= 1")
         check(self.learning_rate > 0, f"learning-rate must be > 0, got {self.learning_rate}")
         check(self.quantize in QUANTIZE_CHOICES, f"quantize must be one of {QUANTIZE_CHOICES}, got {self.quantize!r}")
-        check(self.quantize == "none" or self.method == "loraprune",
-              f"--quantize {self.quantize} works with --method loraprune only: the one-shot criteria read or "
-              "differentiate the base weights themselves and shrink them before training")
+        check(
+            self.quantize == "none" or self.method == "loraprune",
+            f"--quantize {self.quantize} works with --method loraprune only: the one-shot criteria read or "
+            "differentiate the base weights themselves and shrink them before training",
+        )

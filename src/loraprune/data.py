@@ -182,8 +182,7 @@ def load_sft_records(name_or_path: str, split: str = "train", limit: int | None 
         path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise LoraPruneError(
-                f"SFT data {name_or_path!r} is neither 'gsm8k' nor an existing JSONL file ({path.resolve()} "
-                "not found)"
+                f"SFT data {name_or_path!r} is neither 'gsm8k' nor an existing JSONL file ({path.resolve()} not found)"
             )
     return list(itertools.islice(_read_jsonl_records(path), limit))
 

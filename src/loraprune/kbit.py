@@ -49,8 +49,9 @@ def require_kbit_support(quantize: str, device: str | torch.device) -> None:
             "on the CPU load the model in full precision (--quantize none, --dtype float32 or bfloat16)"
         )
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise LoraPruneError(f"--quantize {quantize} needs the bitsandbytes package, which is not installed: "
-                             f"{INSTALL_HINT}")
+        raise LoraPruneError(
+            f"--quantize {quantize} needs the bitsandbytes package, which is not installed: {INSTALL_HINT}"
+        )
 
 
 def quantization_config(quantize: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
@@ -60,8 +61,12 @@ def quantization_config(quantize: str, compute_dtype: torch.dtype) -> BitsAndByt
     layers that stay unquantised (embeddings, norms, LM head) are loaded in it too.
     """
     if quantize == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
     if quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     raise LoraPruneError(f"no quantization config for quantize={quantize!r}; use 4bit or 8bit")
@@ -96,12 +101,16 @@ def full_precision_copy(peft_model: PeftModel, base: PreTrainedModel, adapter: s
     widths of the model under `peft_model` (a model re-loaded from the same checkpoint).
     """
     config = copy.deepcopy(peft_model.peft_config[adapter])
-    weights = {name: value.detach().cpu() for name, value in
-               get_peft_model_state_dict(peft_model, adapter_name=adapter).items()}
+    weights = {
+        name: value.detach().cpu()
+        for name, value in get_peft_model_state_dict(peft_model, adapter_name=adapter).items()
+    }
     copied = get_peft_model(base, config, adapter_name=adapter)
     result = set_peft_model_state_dict(copied, weights, adapter_name=adapter)
     missing = [key for key in result.missing_keys if "lora_" in key]
     if result.unexpected_keys or missing:
-        raise LoraPruneError(f"the LoRA adapter does not fit the full-precision model: unexpected "
-                             f"{result.unexpected_keys[:3]}, missing {missing[:3]}; load the same checkpoint")
+        raise LoraPruneError(
+            f"the LoRA adapter does not fit the full-precision model: unexpected "
+            f"{result.unexpected_keys[:3]}, missing {missing[:3]}; load the same checkpoint"
+        )
     return copied

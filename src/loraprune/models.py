@@ -83,9 +83,11 @@ def resolve_model_path(name_or_path: str) -> str:
     if path.is_dir():
         if (path / "config.json").is_file():
             return str(path)
-        hint = " (it holds a LoRA adapter: pass it as the adapter of its base model)" if (
-            path / "adapter_config.json"
-        ).is_file() else ""
+        hint = (
+            " (it holds a LoRA adapter: pass it as the adapter of its base model)"
+            if (path / "adapter_config.json").is_file()
+            else ""
+        )
         raise LoraPruneError(f"model directory {path} has no config.json{hint}")
     if name_or_path in EMBEDDED_MODELS:
         return str(_cached_embedded_model(name_or_path))
@@ -136,9 +138,7 @@ def _convert_embedded(name: str, target: Path) -> None:
     package_dir = _embedded_package_dir(embedded)
     logger.info("converting %s from GGUF to safetensors in %s (once; about 30 s)", name, target)
     try:
-        quantized = AutoModelForCausalLM.from_pretrained(
-            package_dir, gguf_file=embedded.gguf_file, dtype=torch.float32
-        )
+        quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=embedded.gguf_file, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=embedded.gguf_file)
     except (OSError, ValueError, ImportError) as error:
         raise LoraPruneError(f"could not read {package_dir / embedded.gguf_file}: {error}") from error
@@ -198,8 +198,7 @@ def load_model(
         require_kbit_support(quantize, device)
         options = {"quantization_config": quantization_config(quantize, torch_dtype), "device_map": {"": device}}
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, output_loading_info=True,
-                                                           **options)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, output_loading_info=True, **options)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RuntimeError, KeyError, ImportError, SafetensorError) as error:
         raise LoraPruneError(f"could not load model from {path}: {error}") from error

@@ -24,7 +24,9 @@ def decoder_parameters(model: nn.Module) -> int:
     """Parameters of the decoder layers' attention and MLP blocks: what `sparsity` is a fraction of."""
     root = unwrap_model(model)
     return sum(
-        logical_numel(p) for layer in root.model.layers for block in (layer.self_attn, layer.mlp)
+        logical_numel(p)
+        for layer in root.model.layers
+        for block in (layer.self_attn, layer.mlp)
         for p in block.parameters()
     )
 

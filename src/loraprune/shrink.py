@@ -23,8 +23,9 @@ def _slice_linear_(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
     linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
     if dim == 0:
         if linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias.data.index_select(0, index).clone(),
-                                       requires_grad=linear.bias.requires_grad)
+            linear.bias = nn.Parameter(
+                linear.bias.data.index_select(0, index).clone(), requires_grad=linear.bias.requires_grad
+            )
         linear.out_features = weight.shape[0]
     else:
         linear.in_features = weight.shape[1]

@@ -37,37 +37,47 @@ class TrainingConfig:
     max_grad_norm: float = option(1.0, help="gradient clipping norm (0 disables clipping)")
     bf16: bool = option(False, help="train in bfloat16 autocast (CUDA or CPU; the weights keep their dtype)")
     fp16: bool = option(
-        False, help="train in float16 autocast with a dynamic loss scaler (CUDA only); the pruners read the "
-        "gradients after the Trainer has unscaled them"
+        False,
+        help="train in float16 autocast with a dynamic loss scaler (CUDA only); the pruners read the "
+        "gradients after the Trainer has unscaled them",
     )
     gradient_checkpointing: bool = option(
-        False, help="recompute each decoder layer's activations in the backward pass instead of storing them "
+        False,
+        help="recompute each decoder layer's activations in the backward pass instead of storing them "
         "(non-reentrant torch.utils.checkpoint): less activation memory for one more forward pass; the "
-        "gradients, and so the pruning scores, are unchanged"
+        "gradients, and so the pruning scores, are unchanged",
     )
     report_to: str = option(
-        "none", help="where transformers.Trainer sends the training metrics: 'none', or trackers such as "
-        "'tensorboard', 'wandb', 'mlflow' (comma-separated, installed separately)"
+        "none",
+        help="where transformers.Trainer sends the training metrics: 'none', or trackers such as "
+        "'tensorboard', 'wandb', 'mlflow' (comma-separated, installed separately)",
     )
     logging_dir: str | None = option(
-        None, help="directory for the trackers' local files (tensorboard writes its event files under "
-        "LOGGING_DIR/runs/); needed with --report-to tensorboard"
+        None,
+        help="directory for the trackers' local files (tensorboard writes its event files under "
+        "LOGGING_DIR/runs/); needed with --report-to tensorboard",
     )
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
-        check(self.batch_size >= 1 and self.gradient_accumulation_steps >= 1,
-              "batch_size and gradient_accumulation_steps must be >= 1")
+        check(
+            self.batch_size >= 1 and self.gradient_accumulation_steps >= 1,
+            "batch_size and gradient_accumulation_steps must be >= 1",
+        )
         check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         check(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0")
         check(self.logging_steps >= 1, "logging_steps must be >= 1")
         check(not (self.bf16 and self.fp16), "choose at most one of --bf16 and --fp16")
         # on the CPU the Trainer has no float16 autocast or loss scaler and would silently train in float32
-        check(not self.fp16 or torch.cuda.is_available(),
-              "--fp16 (float16 autocast with a loss scaler) needs a CUDA GPU; on the CPU use --bf16")
-        check("tensorboard" not in self.report_to or self.logging_dir is not None,
-              "--report-to tensorboard needs --logging-dir DIR (the event files would go to a temporary directory)")
+        check(
+            not self.fp16 or torch.cuda.is_available(),
+            "--fp16 (float16 autocast with a loss scaler) needs a CUDA GPU; on the CPU use --bf16",
+        )
+        check(
+            "tensorboard" not in self.report_to or self.logging_dir is not None,
+            "--report-to tensorboard needs --logging-dir DIR (the event files would go to a temporary directory)",
+        )
 
 
 #: non-reentrant checkpointing gives the LoRA layers of a frozen base their gradients without inputs that
@@ -80,8 +90,10 @@ def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
     transformers 5 releases and `gradient_checkpointing*` (now their deprecated alias) before."""
     fields = {field.name for field in dataclasses.fields(TrainingArguments)}
     prefix = "activation" if "activation_checkpointing" in fields else "gradient"
-    return {f"{prefix}_checkpointing": enabled,
-            f"{prefix}_checkpointing_kwargs": dict(CHECKPOINTING_KWARGS) if enabled else None}
+    return {
+        f"{prefix}_checkpointing": enabled,
+        f"{prefix}_checkpointing_kwargs": dict(CHECKPOINTING_KWARGS) if enabled else None,
+    }
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

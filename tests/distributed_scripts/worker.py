@@ -46,8 +46,7 @@ def lora_model(model_dir: str, method: str) -> PeftModel:
     return add_lora(model, r=4, alpha=8) if method == "loraprune" else add_lora(model, r=8, alpha=8)
 
 
-def fsdp_run(model_dir: str, method: str, steps: int, global_batch: int, seq_len: int = 16,
-             lr: float = 1e-2) -> dict:
+def fsdp_run(model_dir: str, method: str, steps: int, global_batch: int, seq_len: int = 16, lr: float = 1e-2) -> dict:
     """Train a LoRA adapter with `method`'s pruner in a plain loop; sharded when a process group runs.
 
     Every rank trains on its contiguous slice of each global batch, so the averaged gradient
@@ -70,7 +69,7 @@ def fsdp_run(model_dir: str, method: str, steps: int, global_batch: int, seq_len
     local = global_batch // ranks
     for step in range(1, steps + 1):
         start = (step - 1) * global_batch + rank * local
-        batch = data[start:start + local]
+        batch = data[start : start + local]
         model(input_ids=batch, labels=batch).loss.backward()
         if method == "loraprune":
             pruner.observe()

@@ -16,8 +16,15 @@ import sys
 from loraprune.errors import LoraPruneError
 
 # Module names under loraprune.cli, in the order `--help` lists them.
-COMMAND_MODULES = ("inspect_cmd", "eval_cmd", "prune_model_cmd", "prune_nm_cmd", "prune_adapter_cmd", "report_cmd",
-                   "sweep_cmd")
+COMMAND_MODULES = (
+    "inspect_cmd",
+    "eval_cmd",
+    "prune_model_cmd",
+    "prune_nm_cmd",
+    "prune_adapter_cmd",
+    "report_cmd",
+    "sweep_cmd",
+)
 
 DESCRIPTION = """\
 Make LLMs and their LoRA adapters smaller with structured pruning guided by LoRA.

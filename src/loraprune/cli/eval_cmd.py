@@ -47,8 +47,13 @@ def run(args: argparse.Namespace) -> int:
         report.update(result.to_dict())
     if tasks is not None:
         zero_shot = evaluate_zero_shot(
-            model, tokenizer, tasks, num_fewshot=config.num_fewshot, limit=config.limit,
-            batch_size=config.batch_size, model_name=config.model,
+            model,
+            tokenizer,
+            tasks,
+            num_fewshot=config.num_fewshot,
+            limit=config.limit,
+            batch_size=config.batch_size,
+            model_name=config.model,
         )
         print(zero_shot)
         report["zero_shot"] = zero_shot.to_dict()
@@ -59,8 +64,13 @@ def run(args: argparse.Namespace) -> int:
             models[name], _ = load_model(config.baseline, dtype=config.dtype, device=device)
         models[config.model] = model
         cost = measure_latency(
-            models, batch_size=config.latency_batch, seq_len=config.latency_seq_len, repeats=config.repeats,
-            warmup=config.warmup, gen_tokens=config.gen_tokens, progress=config.progress,
+            models,
+            batch_size=config.latency_batch,
+            seq_len=config.latency_seq_len,
+            repeats=config.repeats,
+            warmup=config.warmup,
+            gen_tokens=config.gen_tokens,
+            progress=config.progress,
         )
         print(cost)
         report["latency"] = cost.to_dict()

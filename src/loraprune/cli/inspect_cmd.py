@@ -14,10 +14,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Print, for every decoder layer, its attention groups and MLP channels with their "
         "parameter counts, and the model's totals.",
     )
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="local directory, hub id or 'smollm2-135m' (default: %(default)s)")
-    parser.add_argument("--attention-unit", default="auto", choices=ATTENTION_UNITS,
-                        help="attention group to list (default: %(default)s)")
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="local directory, hub id or 'smollm2-135m' (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--attention-unit",
+        default="auto",
+        choices=ATTENTION_UNITS,
+        help="attention group to list (default: %(default)s)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -30,18 +35,24 @@ def run(args: argparse.Namespace) -> int:
     model, _ = load_model(args.model)
     families = get_adapter(model).families(model, args.attention_unit)
     print(f"model {args.model} ({model.config.model_type}, {len(families) // 2} decoder layers)")
-    print(f"{'layer':>5}  {'attention groups':<28} {'params/group':>12}  {'MLP channels':>12} {'params/ch':>9}"
-          f"  {'layer params':>12}")
+    print(
+        f"{'layer':>5}  {'attention groups':<28} {'params/group':>12}  {'MLP channels':>12} {'params/ch':>9}"
+        f"  {'layer params':>12}"
+    )
     for attention, mlp in zip(families[::2], families[1::2]):
         group = f"{attention.count} x {attention.unit}"
         if attention.unit == "query_head":
             group += f" ({attention.units_per_kv}/KV)"
         layer_params = attention.count * attention.params_per_unit + mlp.count * mlp.params_per_unit
-        print(f"{attention.layer:>5}  {group:<28} {attention.params_per_unit:>12,}  {mlp.count:>12,} "
-              f"{mlp.params_per_unit:>9,}  {layer_params:>12,}")
+        print(
+            f"{attention.layer:>5}  {group:<28} {attention.params_per_unit:>12,}  {mlp.count:>12,} "
+            f"{mlp.params_per_unit:>9,}  {layer_params:>12,}"
+        )
     total = count_parameters(model)
     decoder = decoder_parameters(model)
-    print(f"prunable (in groups): {total_params(families):,} parameters "
-          f"(attention {total_params(families, 'attention'):,}, MLP {total_params(families, 'mlp'):,})")
+    print(
+        f"prunable (in groups): {total_params(families):,} parameters "
+        f"(attention {total_params(families, 'attention'):,}, MLP {total_params(families, 'mlp'):,})"
+    )
     print(f"decoder attention+MLP: {decoder:,}   all parameters: {total:,} (tied weights once)")
     return 0

@@ -51,9 +51,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(rank_table(result.ranks))
     total = sum(result.ranks.values())
-    print(f"method {result.method}: {len(result.ranks)} modules, total rank {total} "
-          f"(mean {total / len(result.ranks):.2f}), {len(exported.dropped)} modules at rank 0 dropped")
-    print(f"trained {training.steps} steps in {result.train_seconds:.1f}s; adapter {exported.path}: "
-          f"{exported.parameters:,} parameters, {exported.file_bytes:,} bytes")
+    print(
+        f"method {result.method}: {len(result.ranks)} modules, total rank {total} "
+        f"(mean {total / len(result.ranks):.2f}), {len(exported.dropped)} modules at rank 0 dropped"
+    )
+    print(
+        f"trained {training.steps} steps in {result.train_seconds:.1f}s; adapter {exported.path}: "
+        f"{exported.parameters:,} parameters, {exported.file_bytes:,} bytes"
+    )
     print(f"run report: {exported.path / 'report.html'} (also report.md, loraprune_report.json)")
     return 0

@@ -62,19 +62,27 @@ def run(args: argparse.Namespace) -> int:
     layers = report["prunable_layers"]
     print(f"method            {report['method']} ({report['attention_unit']} attention units)")
     print(f"prunable layers   {layers[0]}-{layers[-1]} ({len(layers)} layers)" if layers else "prunable layers   none")
-    print(f"parameters        {report['params_before']:,} -> {report['params_after']:,} "
-          f"({report['sparsity_total']:.2%} of all parameters removed)")
-    print(f"decoder attn+MLP  {report['decoder_params_before']:,} -> {report['decoder_params_after']:,} "
-          f"({report['sparsity_decoder']:.2%} removed, the --sparsity target)")
+    print(
+        f"parameters        {report['params_before']:,} -> {report['params_after']:,} "
+        f"({report['sparsity_total']:.2%} of all parameters removed)"
+    )
+    print(
+        f"decoder attn+MLP  {report['decoder_params_before']:,} -> {report['decoder_params_after']:,} "
+        f"({report['sparsity_decoder']:.2%} removed, the --sparsity target)"
+    )
     if report["perplexity_before"] is not None:
         settings = report["perplexity_before"]
-        print(f"perplexity        {format_perplexity(report['perplexity_before'])} -> "
-              f"{format_perplexity(report['perplexity_after'])} ({settings['data']}, seq_len {settings['seq_len']}, "
-              f"{settings['tokens']:,} tokens, {settings['dtype']})")
+        print(
+            f"perplexity        {format_perplexity(report['perplexity_before'])} -> "
+            f"{format_perplexity(report['perplexity_after'])} ({settings['data']}, seq_len {settings['seq_len']}, "
+            f"{settings['tokens']:,} tokens, {settings['dtype']})"
+        )
     if report["training"] is not None:
         training = report["training"]
-        print(f"LoRA training     {training['steps']} steps, rank {training['rank']}, "
-              f"lr {training['learning_rate']:g}, {training['train_seconds']:.0f} s (merged into the saved weights)")
+        print(
+            f"LoRA training     {training['steps']} steps, rank {training['rank']}, "
+            f"lr {training['learning_rate']:g}, {training['train_seconds']:.0f} s (merged into the saved weights)"
+        )
     print(f"saved to          {result.output} ({report['file_size_bytes'] / 2**20:.1f} MiB of weights)")
     print(f"run report        {Path(result.output) / 'report.html'} (also report.md, loraprune_report.json)")
     return 0

@@ -52,19 +52,27 @@ def run(args: argparse.Namespace) -> int:
     report = result.report
     nm = report["nm"]
     print(f"method            {report['method']}, pattern {nm['pattern']} on {nm['modules']} projections")
-    print(f"zeros             {nm['zeros']:,} of {nm['weights']:,} projection weights ({nm['sparsity']:.2%}); "
-          f"groups breaking the pattern: {nm['violating_groups']}")
+    print(
+        f"zeros             {nm['zeros']:,} of {nm['weights']:,} projection weights ({nm['sparsity']:.2%}); "
+        f"groups breaking the pattern: {nm['violating_groups']}"
+    )
     if report["perplexity_before"] is not None:
         settings = report["perplexity_before"]
         one_shot = report["perplexity_one_shot"]
         middle = f" -> {format_perplexity(one_shot)} (one-shot)" if one_shot is not None else ""
-        print(f"perplexity        {format_perplexity(settings)}{middle} -> "
-              f"{format_perplexity(report['perplexity_after'])} ({settings['data']}, seq_len {settings['seq_len']}, "
-              f"{settings['tokens']:,} tokens, {settings['dtype']})")
+        print(
+            f"perplexity        {format_perplexity(settings)}{middle} -> "
+            f"{format_perplexity(report['perplexity_after'])} ({settings['data']}, seq_len {settings['seq_len']}, "
+            f"{settings['tokens']:,} tokens, {settings['dtype']})"
+        )
     if report["training"] is not None:
         training = report["training"]
-        print(f"LoRA training     {training['steps']} steps, rank {training['rank']}, "
-              f"lr {training['learning_rate']:g}, {training['train_seconds']:.0f} s (merged as mask * (W0 + s*B*A))")
-    print(f"saved to          {result.output} ({report['file_size_bytes'] / 2**20:.1f} MiB of weights; "
-          "report in loraprune_report.json)")
+        print(
+            f"LoRA training     {training['steps']} steps, rank {training['rank']}, "
+            f"lr {training['learning_rate']:g}, {training['train_seconds']:.0f} s (merged as mask * (W0 + s*B*A))"
+        )
+    print(
+        f"saved to          {result.output} ({report['file_size_bytes'] / 2**20:.1f} MiB of weights; "
+        "report in loraprune_report.json)"
+    )
     return 0

@@ -49,10 +49,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", help="output directory (overrides the spec's 'output')")
     parser.add_argument("--fresh", action="store_true", help="discard the results already in the output directory")
     parser.add_argument("--dry-run", action="store_true", help="list the points and which would run; run nothing")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="show a progress bar over the points")
-    parser.add_argument("--settings", choices=("model", "adapter"),
-                        help="list every setting a spec of this job kind can fix or sweep, and its metrics")
+    parser.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar over the points"
+    )
+    parser.add_argument(
+        "--settings",
+        choices=("model", "adapter"),
+        help="list every setting a spec of this job kind can fix or sweep, and its metrics",
+    )
     parser.set_defaults(func=run)
 
 
@@ -86,8 +90,10 @@ def run(args: argparse.Namespace) -> int:
         print(settings_help(JOBS[args.settings]))
         return 0
     if args.spec is None:
-        raise ConfigError("give a sweep spec, e.g. loraprune sweep examples/sweeps/prunedlora_alpha.yaml "
-                          "(loraprune sweep --help shows the format)")
+        raise ConfigError(
+            "give a sweep spec, e.g. loraprune sweep examples/sweeps/prunedlora_alpha.yaml "
+            "(loraprune sweep --help shows the format)"
+        )
     spec = load_spec(args.spec, args.output)
     command = f"loraprune sweep {shlex.quote(args.spec)} --output {shlex.quote(str(spec.output))}"
     if args.dry_run:
@@ -100,15 +106,23 @@ def run(args: argparse.Namespace) -> int:
     try:
         outcome = run_sweep(spec, fresh=args.fresh, command=command, progress=args.progress)
     except KeyboardInterrupt:
-        print(f"interrupted: the finished points are in {spec.output / RESULTS_FILE}; run the same command again "
-              "to resume", file=sys.stderr)
+        print(
+            f"interrupted: the finished points are in {spec.output / RESULTS_FILE}; run the same command again "
+            "to resume",
+            file=sys.stderr,
+        )
         return 130
     summary = outcome.results["summary"]
-    print(f"sweep {spec.name}: ran {len(outcome.ran)} point(s), reused {len(outcome.reused)}; "
-          f"{summary['ok']} of {summary['points']} done")
+    print(
+        f"sweep {spec.name}: ran {len(outcome.ran)} point(s), reused {len(outcome.reused)}; "
+        f"{summary['ok']} of {summary['points']} done"
+    )
     print(f"wrote {', '.join(str(path) for path in outcome.files)}")
     if outcome.failed:
-        print(f"{len(outcome.failed)} point(s) failed ({', '.join(outcome.failed)}); their errors are in "
-              f"{spec.output / TABLE_FILE}; run the same command again to retry them", file=sys.stderr)
+        print(
+            f"{len(outcome.failed)} point(s) failed ({', '.join(outcome.failed)}); their errors are in "
+            f"{spec.output / TABLE_FILE}; run the same command again to retry them",
+            file=sys.stderr,
+        )
         return 1
     return 0

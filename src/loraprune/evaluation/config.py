@@ -67,9 +67,7 @@ class EvalConfig:
         check(self.num_fewshot >= 0, f"num_fewshot must be non-negative, got {self.num_fewshot}")
         check(self.limit is None or self.limit >= 1, f"limit must be at least 1, got {self.limit}")
         check(self.task_dir is None or self.tasks is not None, "--task-dir defines tasks for --tasks; name them there")
-        check(
-            self.task_dir is None or Path(self.task_dir).is_dir(), f"task directory {self.task_dir} does not exist"
-        )
+        check(self.task_dir is None or Path(self.task_dir).is_dir(), f"task directory {self.task_dir} does not exist")
         check(self.baseline is None or self.latency, "--baseline is measured beside --model by --latency; add it")
         for name in ("latency_batch", "latency_seq_len", "repeats"):
             check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")

@@ -239,15 +239,17 @@ def measure_latency(
         with torch.inference_mode():
             for index in range(rounds):
                 for name, model in models.items():
-                    seconds, _ = _timed(lambda m=model, n=name: m(input_ids=inputs[n], use_cache=False),
-                                        inputs[name].device)
+                    seconds, _ = _timed(
+                        lambda m=model, n=name: m(input_ids=inputs[n], use_cache=False), inputs[name].device
+                    )
                     if index >= warmup:
                         forward_s[name].append(seconds)
                     bar.update()
             for index in range(rounds if gen_tokens else 0):
                 for name, model in models.items():
-                    seconds, output = _timed(lambda m=model, n=name: _generate(m, inputs[n], gen_tokens),
-                                             inputs[name].device)
+                    seconds, output = _timed(
+                        lambda m=model, n=name: _generate(m, inputs[n], gen_tokens), inputs[name].device
+                    )
                     generated = output.shape[1] - seq_len
                     if generated != gen_tokens:
                         raise LoraPruneError(f"{name} generated {generated} tokens instead of {gen_tokens}")

@@ -76,8 +76,9 @@ def perplexity_of_windows(
                 batch = windows[start : start + batch_size].to(device)
                 logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
                 targets = batch[:, 1:]
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                       reduction="sum")
+                loss = F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"
+                )
                 total += loss.double().cpu()
     finally:
         model.train(was_training)

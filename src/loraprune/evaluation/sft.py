@@ -37,11 +37,12 @@ def answer_nll(model: torch.nn.Module, examples: list[dict], pad_id: int, batch_
     collate = SFTCollator(pad_id)
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size])
+        batch = collate(examples[start : start + batch_size])
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
-                                                   ignore_index=-100, reduction="sum")
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="sum"
+        )
         total += float(losses)
         count += int((labels != -100).sum())
     return {"nll": total / count, "tokens": count}

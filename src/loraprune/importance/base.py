@@ -19,13 +19,15 @@ class Criterion(ABC):
     needs_data: bool = False
 
     @abstractmethod
-    def score(self, model: nn.Module, families: list[GroupFamily],
-              batches: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def score(
+        self, model: nn.Module, families: list[GroupFamily], batches: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """One float32 CPU tensor of shape `[family.count]` per `family.key`."""
 
 
-def unit_scores(family: GroupFamily, slicing: MatrixSlicing, element: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+def unit_scores(
+    family: GroupFamily, slicing: MatrixSlicing, element: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """Sum per-element importance of one matrix (and its row bias) over each unit's block.
 
     A sharded `element` (FSDP2: a DTensor of local rows) is summed locally, then its row or

@@ -36,8 +36,9 @@ from loraprune.importance.gradients import backward_mean_loss
 from loraprune.structure import GroupFamily, unwrap_model
 
 
-def estimated_gradient(lora_a: torch.Tensor, lora_b: torch.Tensor, grad_a: torch.Tensor, grad_b: torch.Tensor,
-                       second_order: bool = False) -> torch.Tensor:
+def estimated_gradient(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, grad_a: torch.Tensor, grad_b: torch.Tensor, second_order: bool = False
+) -> torch.Tensor:
     """`Ĝ = G_B·A + B·G_A` (`− G_B·G_A` with `second_order`), float32, shape of the base weight.
 
     Computed in float32 even inside an autocast region (a training loop may score there).
@@ -51,14 +52,20 @@ def estimated_gradient(lora_a: torch.Tensor, lora_b: torch.Tensor, grad_a: torch
     return estimate
 
 
-def element_importance(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                        grad_a: torch.Tensor, grad_b: torch.Tensor, second_order: bool = False) -> torch.Tensor:
+def element_importance(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    grad_a: torch.Tensor,
+    grad_b: torch.Tensor,
+    second_order: bool = False,
+) -> torch.Tensor:
     """`|Ĝ ⊙ (W0 + s·B·A)|` for one LoRA-wrapped matrix (float32 also under autocast, two matrix-sized
     temporaries)."""
     importance = estimated_gradient(lora_a, lora_b, grad_a, grad_b, second_order)
     with torch.autocast(device_type=weight.device.type, enabled=False):
-        merged = torch.addmm(weight.detach().float(), lora_b.detach().float(), lora_a.detach().float(),
-                             alpha=scaling)
+        merged = torch.addmm(weight.detach().float(), lora_b.detach().float(), lora_a.detach().float(), alpha=scaling)
     return importance.mul_(merged).abs_()
 
 
@@ -67,8 +74,10 @@ def lora_layer(model: nn.Module, module: str, adapter: str) -> LoraLayer | None:
     layer = unwrap_model(model).get_submodule(module)
     if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
         if layer.use_dora.get(adapter, False):
-            raise LoraPruneError(f"{module} uses DoRA, whose magnitude vector the LoRA-guided criterion does not "
-                                 "model; create the adapter without use_dora")
+            raise LoraPruneError(
+                f"{module} uses DoRA, whose magnitude vector the LoRA-guided criterion does not "
+                "model; create the adapter without use_dora"
+            )
         return layer
     return None
 
@@ -106,8 +115,9 @@ class LoraGuidedCriterion(Criterion):
                 )
 
     @torch.no_grad()
-    def gradient_scores(self, model: nn.Module, families: list[GroupFamily],
-                        loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    def gradient_scores(
+        self, model: nn.Module, families: list[GroupFamily], loss_scale: float = 1.0
+    ) -> dict[str, torch.Tensor]:
         """Scores from the LoRA gradients currently in `.grad` (divided by `loss_scale` first).
 
         Pass the AMP loss scale when reading gradients a `GradScaler` has not unscaled yet
@@ -125,8 +135,12 @@ class LoraGuidedCriterion(Criterion):
                 lora_a = layer.lora_A[self.adapter].weight
                 lora_b = layer.lora_B[self.adapter].weight
                 element = element_importance(
-                    dequantize_module_weight(layer.get_base_layer()), lora_a, lora_b, layer.scaling[self.adapter],
-                    _gradient(lora_a).float() / loss_scale, _gradient(lora_b).float() / loss_scale,
+                    dequantize_module_weight(layer.get_base_layer()),
+                    lora_a,
+                    lora_b,
+                    layer.scaling[self.adapter],
+                    _gradient(lora_a).float() / loss_scale,
+                    _gradient(lora_b).float() / loss_scale,
                     self.second_order,
                 )
                 per_matrix.append(unit_scores(family, slicing, element).cpu())
@@ -134,15 +148,18 @@ class LoraGuidedCriterion(Criterion):
             scores[family.key] = normalised_sum(per_matrix)
         return scores
 
-    def score(self, model: nn.Module, families: list[GroupFamily],
-              batches: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def score(
+        self, model: nn.Module, families: list[GroupFamily], batches: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """One-shot: gradients of the mean loss over `batches` into the LoRA parameters, then scores.
 
         The LoRA parameters' `.grad` is cleared before and after; base weights get none.
         """
         if batches is None:
-            raise LoraPruneError("the LoRA-guided criterion needs calibration batches (or use gradient_scores "
-                                 "on the gradients of a training step)")
+            raise LoraPruneError(
+                "the LoRA-guided criterion needs calibration batches (or use gradient_scores "
+                "on the gradients of a training step)"
+            )
         self.check_families(model, families)
         lora_params = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
         if not lora_params:

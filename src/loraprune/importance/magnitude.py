@@ -15,8 +15,9 @@ class MagnitudeCriterion(Criterion):
     name = "magnitude"
 
     @torch.no_grad()
-    def score(self, model: nn.Module, families: list[GroupFamily],
-              batches: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def score(
+        self, model: nn.Module, families: list[GroupFamily], batches: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         root = unwrap_model(model)
         scores = {}
         for family in families:

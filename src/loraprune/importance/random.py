@@ -17,7 +17,8 @@ class RandomCriterion(Criterion):
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
-    def score(self, model: nn.Module, families: list[GroupFamily],
-              batches: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def score(
+        self, model: nn.Module, families: list[GroupFamily], batches: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed)
         return {family.key: torch.rand(family.count, generator=generator) for family in families}

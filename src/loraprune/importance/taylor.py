@@ -36,8 +36,9 @@ class TaylorCriterion(Criterion):
     def __init__(self, batch_size: int = 4) -> None:
         self.batch_size = batch_size
 
-    def score(self, model: nn.Module, families: list[GroupFamily],
-              batches: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def score(
+        self, model: nn.Module, families: list[GroupFamily], batches: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         if batches is None:
             raise LoraPruneError("the Taylor criterion needs calibration batches (token windows)")
         linears = {s.module: _base_linear(model, s.module) for family in families for s in family.matrices}

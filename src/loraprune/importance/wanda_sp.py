@@ -32,8 +32,9 @@ class WandaSPCriterion(Criterion):
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def score(self, model: nn.Module, families: list[GroupFamily],
-              batches: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def score(
+        self, model: nn.Module, families: list[GroupFamily], batches: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         if batches is None:
             raise LoraPruneError("the Wanda-sp criterion needs calibration batches (token windows)")
         root = unwrap_model(model)

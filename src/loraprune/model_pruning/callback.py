@@ -52,16 +52,28 @@ class LoRAPruneCallback(TrainerCallback):
     `pruner` (a `ModelPruner`) holds the masks, scores and history once training has begun.
     """
 
-    def __init__(self, target: PruningTarget, config: LoRAPruneConfig | None = None, adapter: str = "default",
-                 resume_from: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        target: PruningTarget,
+        config: LoRAPruneConfig | None = None,
+        adapter: str = "default",
+        resume_from: str | Path | None = None,
+    ) -> None:
         self.target = target
         self.config = config or LoRAPruneConfig()
         self.adapter = adapter
         self.resume_from = resume_from
         self.pruner: ModelPruner | None = None
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model=None, optimizer=None, **kwargs) -> None:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model=None,
+        optimizer=None,
+        **kwargs,
+    ) -> None:
         if self.pruner is not None:
             raise LoraPruneError("a LoRAPruneCallback prunes one training run; create a new one per Trainer")
         self.pruner = ModelPruner(model, state.max_steps, self.target, self.config, self.adapter)
@@ -72,21 +84,27 @@ class LoRAPruneCallback(TrainerCallback):
         folder = Path(self.resume_from or Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         path = folder / STATE_FILE
         if not path.is_file():
-            raise LoraPruneError(f"resuming at step {state.global_step} but {path} does not exist; pass "
-                                 "LoRAPruneCallback(..., resume_from=<the checkpoint folder>)")
+            raise LoraPruneError(
+                f"resuming at step {state.global_step} but {path} does not exist; pass "
+                "LoRAPruneCallback(..., resume_from=<the checkpoint folder>)"
+            )
         saved = torch.load(path, weights_only=True)
         if saved.get("step") != state.global_step:
-            raise LoraPruneError(f"{path} holds LoRAPrune's state at step {saved.get('step')}, the Trainer resumes "
-                                 f"at step {state.global_step}")
+            raise LoraPruneError(
+                f"{path} holds LoRAPrune's state at step {saved.get('step')}, the Trainer resumes "
+                f"at step {state.global_step}"
+            )
         self.pruner.load_state_dict(saved, optimizer)
         logger.info("LoRAPrune resumed at step %d from %s", state.global_step, path)
 
-    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                              **kwargs) -> None:
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ) -> None:
         self.pruner.observe()
 
-    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                          optimizer=None, **kwargs) -> None:
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer=None, **kwargs
+    ) -> None:
         self.pruner.after_optimizer_step(optimizer)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
@@ -96,9 +114,12 @@ class LoRAPruneCallback(TrainerCallback):
         if folder.is_dir():
             torch.save(self.pruner.state_dict(), folder / STATE_FILE)
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs) -> None:
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         if not self.pruner.finished:
-            logger.warning("LoRAPrune: training ended at step %d before the target was reached (%.2f%% of decoder "
-                           "params removed); the schedule reaches it at step %d", state.global_step,
-                           100 * self.pruner.decoder_sparsity(), self.pruner.schedule.ramp_end)
+            logger.warning(
+                "LoRAPrune: training ended at step %d before the target was reached (%.2f%% of decoder "
+                "params removed); the schedule reaches it at step %d",
+                state.global_step,
+                100 * self.pruner.decoder_sparsity(),
+                self.pruner.schedule.ramp_end,
+            )

@@ -15,12 +15,12 @@ class LoRAPruneConfig:
     warmup: float = option(0.1, help="fraction of the steps trained before pruning starts")
     cooldown: float = option(0.1, help="fraction of the steps trained at the final sparsity")
     ema: float = option(0.9, help="weight of the old score in the moving average S = ema*S + (1-ema)*new")
-    second_order: bool = option(
-        False, help="add the second-order term -G_B·G_A to the estimated full-weight gradient"
-    )
+    second_order: bool = option(False, help="add the second-order term -G_B·G_A to the estimated full-weight gradient")
 
     def __post_init__(self) -> None:
         check(self.prune_every >= 1, f"prune_every must be >= 1, got {self.prune_every}")
-        check(0 <= self.warmup < 1 and 0 <= self.cooldown < 1 and self.warmup + self.cooldown < 1,
-              "warmup and cooldown are fractions of the steps in [0, 1) that leave steps to prune in")
+        check(
+            0 <= self.warmup < 1 and 0 <= self.cooldown < 1 and self.warmup + self.cooldown < 1,
+            "warmup and cooldown are fractions of the steps in [0, 1) that leave steps to prune in",
+        )
         check(0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}")

@@ -79,8 +79,10 @@ class PruningTarget:
 
     def __post_init__(self) -> None:
         check(self.allocation in ALLOCATIONS, f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
-        check(self.attention_unit in ATTENTION_UNITS,
-              f"attention_unit must be one of {ATTENTION_UNITS}, got {self.attention_unit!r}")
+        check(
+            self.attention_unit in ATTENTION_UNITS,
+            f"attention_unit must be one of {ATTENTION_UNITS}, got {self.attention_unit!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,14 @@ class _Slice:
 class ModelPruner:
     """LoRAPrune state and steps for one training run of `total_steps` optimizer steps."""
 
-    def __init__(self, model: nn.Module, total_steps: int, target: PruningTarget,
-                 config: LoRAPruneConfig | None = None, adapter: str = "default") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        total_steps: int,
+        target: PruningTarget,
+        config: LoRAPruneConfig | None = None,
+        adapter: str = "default",
+    ) -> None:
         model = unwrap_parallel(model)
         self.model = model
         self.target = target
@@ -107,8 +115,12 @@ class ModelPruner:
         self.families: list[GroupFamily] = architecture.families(root, target.attention_unit)
         self.prunable = parse_layers(target.layers, len(architecture.layer_sizes(root)))
         self.budget: Budget = plan_budget(
-            self.families, self.prunable, target.sparsity, allocation=target.allocation,
-            attention_sparsity=target.attention_sparsity, mlp_sparsity=target.mlp_sparsity,
+            self.families,
+            self.prunable,
+            target.sparsity,
+            allocation=target.allocation,
+            attention_sparsity=target.attention_sparsity,
+            mlp_sparsity=target.mlp_sparsity,
         )
         self.schedule = CubicSchedule.from_fractions(total_steps, self.config.warmup, self.config.cooldown)
         self.scored = [f for f in self.families if f.layer in self.prunable and self.budget.of(f.kind) > 0]
@@ -149,6 +161,7 @@ class ModelPruner:
 
     def target_at(self, step: int) -> Budget:
         """The budget in force after optimizer step `step`: the cubic ramp, rounded down to feasible units."""
+
         def amount(kind: Kind) -> int:
             unit = self._granularity(kind)
             return self.schedule.amount(step, self.budget.of(kind)) // unit * unit
@@ -177,8 +190,11 @@ class ModelPruner:
         bad = [key for key, value in new.items() if not torch.isfinite(value).all()]
         if bad:
             self.skipped_steps += 1
-            logger.warning("LoRAPrune: non-finite importance in %s at step %d (NaN/Inf gradients); this step's "
-                           "scores are skipped", ", ".join(bad[:3]) + ("..." if len(bad) > 3 else ""), self.step + 1)
+            logger.warning(
+                "LoRAPrune: non-finite importance in %s at step %d (NaN/Inf gradients); this step's scores are skipped",
+                ", ".join(bad[:3]) + ("..." if len(bad) > 3 else ""),
+                self.step + 1,
+            )
             return False
         decay = self.config.ema
         for key, value in new.items():
@@ -200,8 +216,14 @@ class ModelPruner:
             logger.warning("LoRAPrune: no finite scores yet at step %d; pruning postponed", self.step)
             return None
         budget = self.target_at(self.step)
-        masks = select(self.families, self.scores, self.masks, budget, prunable_layers=self.prunable,
-                       allocation=self.target.allocation)
+        masks = select(
+            self.families,
+            self.scores,
+            self.masks,
+            budget,
+            prunable_layers=self.prunable,
+            allocation=self.target.allocation,
+        )
         self._set_masks(_broadcast_from_rank0(masks, _device(self.model)), optimizer)
         event = {
             "step": self.step,
@@ -212,9 +234,13 @@ class ModelPruner:
             "observations": self.observations,
         }
         self.history.append(event)
-        logger.info("LoRAPrune step %d: %d attention units and %d MLP channels removed (%.2f%% of decoder params)",
-                    self.step, event["attention_units_removed"], event["mlp_units_removed"],
-                    100 * event["decoder_sparsity"])
+        logger.info(
+            "LoRAPrune step %d: %d attention units and %d MLP channels removed (%.2f%% of decoder params)",
+            self.step,
+            event["attention_units_removed"],
+            event["mlp_units_removed"],
+            100 * event["decoder_sparsity"],
+        )
         return event
 
     # ---- masks and LoRA slices --------------------------------------------------------------------
@@ -267,11 +293,15 @@ class ModelPruner:
         if self._hooks is None:
             raise LoraPruneError("this pruner has already finished (the model is shrunk)")
         if any(is_sharded(param) for param in self.model.parameters()):
-            raise LoraPruneError("the model is sharded (FSDP): load its full state dict into an unsharded copy and "
-                                 "shrink that with loraprune.shrink.shrink_model(copy, pruner.families, pruner.masks)")
+            raise LoraPruneError(
+                "the model is sharded (FSDP): load its full state dict into an unsharded copy and "
+                "shrink that with loraprune.shrink.shrink_model(copy, pruner.families, pruner.masks)"
+            )
         if not self.finished:
-            logger.warning("LoRAPrune: shrinking before the target was reached (%.2f%% of decoder params removed)",
-                           100 * self.decoder_sparsity())
+            logger.warning(
+                "LoRAPrune: shrinking before the target was reached (%.2f%% of decoder params removed)",
+                100 * self.decoder_sparsity(),
+            )
         self._hooks.remove()
         self._hooks = None
         self._pruned_slices = []
@@ -296,12 +326,18 @@ class ModelPruner:
 
     def load_state_dict(self, state: dict[str, Any], optimizer: torch.optim.Optimizer | None = None) -> None:
         """Continue from `state_dict()` of a run with the same target, options and length."""
-        expected = {"version": STATE_VERSION, "target": dataclasses.asdict(self.target),
-                    "config": dataclasses.asdict(self.config), "total_steps": self.total_steps}
+        expected = {
+            "version": STATE_VERSION,
+            "target": dataclasses.asdict(self.target),
+            "config": dataclasses.asdict(self.config),
+            "total_steps": self.total_steps,
+        }
         for name, value in expected.items():
             if state.get(name) != value:
-                raise LoraPruneError(f"the saved LoRAPrune state has {name}={state.get(name)!r} but this run has "
-                                     f"{value!r}; resume with the settings of the interrupted run")
+                raise LoraPruneError(
+                    f"the saved LoRAPrune state has {name}={state.get(name)!r} but this run has "
+                    f"{value!r}; resume with the settings of the interrupted run"
+                )
         masks = masks_from_lists(state["masks"])
         if set(masks) != set(self.masks) or any(masks[k].shape != self.masks[k].shape for k in masks):
             raise LoraPruneError("the saved LoRAPrune masks do not match this model's groups")
@@ -327,4 +363,3 @@ def _broadcast_from_rank0(masks: Masks, device: torch.device) -> Masks:
     flat = flat.bool().cpu()
     sizes = [masks[key].numel() for key in keys]
     return {key: part.clone() for key, part in zip(keys, torch.split(flat, sizes))}
-

@@ -57,10 +57,18 @@ class LoraSettings:
     gradient_checkpointing: bool = False
 
     def training_config(self) -> TrainingConfig:
-        return TrainingConfig(steps=self.steps, learning_rate=self.learning_rate, batch_size=self.batch_size,
-                              seed=self.seed, logging_steps=max(1, self.steps // 10), report_to=self.report_to,
-                              logging_dir=self.logging_dir, bf16=self.bf16, fp16=self.fp16,
-                              gradient_checkpointing=self.gradient_checkpointing)
+        return TrainingConfig(
+            steps=self.steps,
+            learning_rate=self.learning_rate,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            logging_steps=max(1, self.steps // 10),
+            report_to=self.report_to,
+            logging_dir=self.logging_dir,
+            bf16=self.bf16,
+            fp16=self.fp16,
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
 
 
 @dataclass
@@ -84,8 +92,12 @@ def training_windows(tokenizer: PreTrainedTokenizerBase, source: str, seq_len: i
     return [{"input_ids": row, "labels": row} for row in windows]
 
 
-def train_lora(model: PreTrainedModel, windows: list[dict[str, torch.Tensor]], settings: LoraSettings,
-               callbacks: tuple[TrainerCallback, ...] = ()) -> LoraRun:
+def train_lora(
+    model: PreTrainedModel,
+    windows: list[dict[str, torch.Tensor]],
+    settings: LoraSettings,
+    callbacks: tuple[TrainerCallback, ...] = (),
+) -> LoraRun:
     """Wrap `model` in a fresh LoRA adapter and train it for `settings.steps` optimizer steps."""
     torch.manual_seed(settings.seed)  # adapter initialisation, identical across methods
     peft_model = add_lora(model, settings.rank, settings.alpha, settings.target_modules)
@@ -95,17 +107,28 @@ def train_lora(model: PreTrainedModel, windows: list[dict[str, torch.Tensor]], s
     peft_model.eval()
     losses = loss_history(history)
     summary = {
-        "steps": settings.steps, "rank": settings.rank, "alpha": settings.alpha or settings.rank,
-        "learning_rate": settings.learning_rate, "batch_size": settings.batch_size, "seed": settings.seed,
-        "train_seconds": seconds, "first_logged_loss": losses[0]["loss"] if losses else None,
-        "last_logged_loss": losses[-1]["loss"] if losses else None, "loss_history": losses,
+        "steps": settings.steps,
+        "rank": settings.rank,
+        "alpha": settings.alpha or settings.rank,
+        "learning_rate": settings.learning_rate,
+        "batch_size": settings.batch_size,
+        "seed": settings.seed,
+        "train_seconds": seconds,
+        "first_logged_loss": losses[0]["loss"] if losses else None,
+        "last_logged_loss": losses[-1]["loss"] if losses else None,
+        "loss_history": losses,
     }
     return LoraRun(peft_model, history, seconds, summary=summary)
 
 
-def loraprune(model: PreTrainedModel, windows: list[dict[str, torch.Tensor]], settings: LoraSettings,
-              target: PruningTarget, config: LoRAPruneConfig,
-              full_precision_base: Callable[[], PreTrainedModel] | None = None) -> tuple[LoraRun, Masks]:
+def loraprune(
+    model: PreTrainedModel,
+    windows: list[dict[str, torch.Tensor]],
+    settings: LoraSettings,
+    target: PruningTarget,
+    config: LoRAPruneConfig,
+    full_precision_base: Callable[[], PreTrainedModel] | None = None,
+) -> tuple[LoraRun, Masks]:
     """Train LoRA on `model` while LoRAPrune prunes it, then shrink base and LoRA weights physically.
 
     Returns the run (its `model` is the shrunk, still unmerged PEFT model) and the final masks.
@@ -114,8 +137,10 @@ def loraprune(model: PreTrainedModel, windows: list[dict[str, torch.Tensor]], se
     is shrunk and returned instead (`loraprune.kbit`).
     """
     if is_kbit_model(model) and full_precision_base is None:
-        raise LoraPruneError("the model has k-bit (bitsandbytes) weights, which cannot be sliced: pass "
-                             "full_precision_base, a function that loads the same checkpoint in full precision")
+        raise LoraPruneError(
+            "the model has k-bit (bitsandbytes) weights, which cannot be sliced: pass "
+            "full_precision_base, a function that loads the same checkpoint in full precision"
+        )
     callback = LoRAPruneCallback(target, config)
     run = train_lora(model, windows, settings, callbacks=(callback,))
     pruner = callback.pruner
@@ -127,8 +152,11 @@ def loraprune(model: PreTrainedModel, windows: list[dict[str, torch.Tensor]], se
         pruner.finish()
     run.pruner = pruner
     run.summary["loraprune"] = {
-        "events": pruner.history, "observations": pruner.observations, "skipped_steps": pruner.skipped_steps,
-        "reached_target": pruner.finished, "schedule": dataclasses.asdict(pruner.schedule),
+        "events": pruner.history,
+        "observations": pruner.observations,
+        "skipped_steps": pruner.skipped_steps,
+        "reached_target": pruner.finished,
+        "schedule": dataclasses.asdict(pruner.schedule),
     }
     return run, masks
 

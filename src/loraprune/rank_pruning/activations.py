@@ -50,8 +50,10 @@ class ActivationStats:
         self.rows = torch.zeros(len(modules), dtype=torch.float64, device=device)
         self._step_gram = torch.zeros_like(self.gram)
         self._step_rows = [0] * len(modules)
-        self._hooks = [module.layer.lora_A[module.adapter].register_forward_hook(self._make_hook(index))
-                       for index, module in enumerate(modules)]
+        self._hooks = [
+            module.layer.lora_A[module.adapter].register_forward_hook(self._make_hook(index))
+            for index, module in enumerate(modules)
+        ]
 
     def _make_hook(self, index: int):
         @torch.no_grad()

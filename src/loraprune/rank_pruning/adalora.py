@@ -18,8 +18,17 @@ from transformers import PreTrainedModel, TrainerCallback, TrainerControl, Train
 from loraprune.schedule import CubicSchedule
 
 
-def add_adalora(model: PreTrainedModel, r0: int, rank: int, alpha: float, target_modules: Sequence[str],
-                total_steps: int, warmup: float, cooldown: float, every: int) -> PeftModel:
+def add_adalora(
+    model: PreTrainedModel,
+    r0: int,
+    rank: int,
+    alpha: float,
+    target_modules: Sequence[str],
+    total_steps: int,
+    warmup: float,
+    cooldown: float,
+    every: int,
+) -> PeftModel:
     """Wrap `model` in a PEFT AdaLoRA adapter that starts at rank `r0` and ends at average rank `rank`.
 
     AdaLoRA's scaling is `alpha / r0` (it divides by its initial rank), the same as PrunedLoRA's.
@@ -53,6 +62,7 @@ def adalora_ranks(model: PeftModel, adapter: str = "default") -> dict[str, int]:
 class AdaLoraBudgetCallback(TrainerCallback):
     """Calls AdaLoRA's `update_and_allocate` after each optimizer step, while gradients still exist."""
 
-    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                          model=None, **kwargs) -> None:
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
+    ) -> None:
         model.base_model.update_and_allocate(state.global_step + 1)

@@ -56,16 +56,18 @@ class AdapterRunConfig:
     data: str = option("gsm8k", help="SFT data: 'gsm8k' or a JSONL file of {question, answer} records")
     output: str | None = option(None, help="directory the adapter is written to (PEFT format)")
     method: str = option(
-        "prunedlora", help="prunedlora, or a baseline: lora (rank R), lora-r0 (rank R0), adalora (R0 -> R)",
+        "prunedlora",
+        help="prunedlora, or a baseline: lora (rank R), lora-r0 (rank R0), adalora (R0 -> R)",
         choices=METHODS,
     )
     train_limit: int | None = option(None, help="train on the first N records only")
     max_answer_tokens: int = option(256, help="answers are cut at this many tokens (EOS included)")
-    dtype: str = option("float32", help="dtype the base model is loaded in", choices=("float32", "bfloat16",
-                                                                                       "float16"))
+    dtype: str = option("float32", help="dtype the base model is loaded in", choices=("float32", "bfloat16", "float16"))
     quantize: str = option(
-        "none", help="load the base weights in 4 or 8 bits with bitsandbytes (QLoRA-style; CUDA only); the "
-        "adapter is trained and pruned on them and saved as usual", choices=QUANTIZE_CHOICES,
+        "none",
+        help="load the base weights in 4 or 8 bits with bitsandbytes (QLoRA-style; CUDA only); the "
+        "adapter is trained and pruned on them and saved as usual",
+        choices=QUANTIZE_CHOICES,
     )
     overwrite: bool = option(False, help="replace an existing output directory")
 
@@ -88,8 +90,9 @@ class AdapterRun:
     pruning_events: list[dict[str, Any]] = field(default_factory=list)
 
 
-def create_adapter(model: PreTrainedModel, method: str, pruning: RankPruningConfig,
-                   total_steps: int) -> tuple[PeftModel, list[TrainerCallback]]:
+def create_adapter(
+    model: PreTrainedModel, method: str, pruning: RankPruningConfig, total_steps: int
+) -> tuple[PeftModel, list[TrainerCallback]]:
     """Wrap `model` in the adapter of `method` and return the callbacks its training needs."""
     check(method in METHODS, f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     scaling = pruning.lora_alpha / pruning.r0
@@ -100,13 +103,28 @@ def create_adapter(model: PreTrainedModel, method: str, pruning: RankPruningConf
         return add_lora(model, pruning.rank, scaling * pruning.rank, targets), []
     if method == "lora-r0":
         return add_lora(model, pruning.r0, pruning.lora_alpha, targets), []
-    adapter = add_adalora(model, pruning.r0, pruning.rank, pruning.lora_alpha, targets, total_steps,
-                          pruning.warmup, pruning.cooldown, pruning.prune_every)
+    adapter = add_adalora(
+        model,
+        pruning.r0,
+        pruning.rank,
+        pruning.lora_alpha,
+        targets,
+        total_steps,
+        pruning.warmup,
+        pruning.cooldown,
+        pruning.prune_every,
+    )
     return adapter, [AdaLoraBudgetCallback()]
 
 
-def train_adapter(model: PreTrainedModel, train_dataset: Any, data_collator: Any, method: str,
-                  pruning: RankPruningConfig, training: TrainingConfig) -> AdapterRun:
+def train_adapter(
+    model: PreTrainedModel,
+    train_dataset: Any,
+    data_collator: Any,
+    method: str,
+    pruning: RankPruningConfig,
+    training: TrainingConfig,
+) -> AdapterRun:
     """Fine-tune `model` with the adapter of `method`; the returned run holds the final ranks."""
     torch.manual_seed(training.seed)  # adapter initialisation, identical across methods
     adapter, callbacks = create_adapter(model, method, pruning, training.steps)
@@ -120,11 +138,20 @@ def train_adapter(model: PreTrainedModel, train_dataset: Any, data_collator: Any
         ranks = adalora_ranks(adapter)
     else:
         ranks = {m.name: m.layer.r[m.adapter] for m in find_lora_modules(adapter)}
-    events = [] if pruner is None else [
-        {"step": e.step, "removed": sum(map(len, e.removed.values())), "total_rank": e.total_rank,
-         "predicted_loss_change": e.predicted_loss_change, "seconds": e.seconds}
-        for e in pruner.history
-    ]
+    events = (
+        []
+        if pruner is None
+        else [
+            {
+                "step": e.step,
+                "removed": sum(map(len, e.removed.values())),
+                "total_rank": e.total_rank,
+                "predicted_loss_change": e.predicted_loss_change,
+                "seconds": e.seconds,
+            }
+            for e in pruner.history
+        ]
+    )
     adapter.eval()
     return AdapterRun(method, adapter, history, seconds, ranks, pruner, events)
 
@@ -137,28 +164,42 @@ def saved_adapter_size(directory: str | Path) -> tuple[int, int]:
     return parameters, path.stat().st_size
 
 
-def save_adapter(run: AdapterRun, output_dir: str | Path, base_model_name_or_path: str | None = None,
-                 overwrite: bool = False, finalize: Callable[[Path], None] | None = None) -> ExportedAdapter:
+def save_adapter(
+    run: AdapterRun,
+    output_dir: str | Path,
+    base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
+    finalize: Callable[[Path], None] | None = None,
+) -> ExportedAdapter:
     """Save the run's adapter in standard PEFT format, physically at its final ranks.
 
     `finalize(staging)` runs last inside the atomic write (files derived from the adapter).
     """
     if run.method != "adalora":
-        active = (run.pruner.active_components() if run.pruner is not None else
-                  {name: torch.ones(rank, dtype=torch.bool) for name, rank in run.ranks.items()})
-        return export_pruned_adapter(run.model, active, output_dir, base_model_name_or_path, overwrite=overwrite,
-                                     finalize=finalize)
+        active = (
+            run.pruner.active_components()
+            if run.pruner is not None
+            else {name: torch.ones(rank, dtype=torch.bool) for name, rank in run.ranks.items()}
+        )
+        return export_pruned_adapter(
+            run.model, active, output_dir, base_model_name_or_path, overwrite=overwrite, finalize=finalize
+        )
     if base_model_name_or_path is not None:
         run.model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
         run.model.save_pretrained(str(staging))  # PEFT shrinks AdaLoRA by its rank_pattern
-        write_json(staging / RANKS_FILE, {"ranks": run.ranks,
-                                          "dropped_modules": [n for n, r in run.ranks.items() if r == 0]})
+        write_json(
+            staging / RANKS_FILE, {"ranks": run.ranks, "dropped_modules": [n for n, r in run.ranks.items() if r == 0]}
+        )
         if finalize is not None:
             finalize(staging)
     path = Path(output_dir)
-    return ExportedAdapter(path, {n: r for n, r in run.ranks.items() if r > 0},
-                           [n for n, r in run.ranks.items() if r == 0], *saved_adapter_size(path))
+    return ExportedAdapter(
+        path,
+        {n: r for n, r in run.ranks.items() if r > 0},
+        [n for n, r in run.ranks.items() if r == 0],
+        *saved_adapter_size(path),
+    )
 
 
 def trained_rank(method: str, pruning: RankPruningConfig) -> int:
@@ -166,21 +207,31 @@ def trained_rank(method: str, pruning: RankPruningConfig) -> int:
     return pruning.rank if method == "lora" else pruning.r0
 
 
-def adapter_report(run: AdapterRun, run_config: AdapterRunConfig, pruning: RankPruningConfig,
-                   training: TrainingConfig, base_parameters: int) -> dict[str, Any]:
+def adapter_report(
+    run: AdapterRun,
+    run_config: AdapterRunConfig,
+    pruning: RankPruningConfig,
+    training: TrainingConfig,
+    base_parameters: int,
+) -> dict[str, Any]:
     """The run record of `prune-adapter` (sizes of the saved adapter are added once it is written)."""
     modules = len(run.ranks)
     start = trained_rank(run.method, pruning)
     planned = None
     if run.pruner is not None:
         schedule = run.pruner.schedule
-        planned = [[step, modules * (start - removed) if schedule.per_module else modules * start - removed]
-                   for step, removed in zip(schedule.events, schedule.removed)]
+        planned = [
+            [step, modules * (start - removed) if schedule.per_module else modules * start - removed]
+            for step, removed in zip(schedule.events, schedule.removed)
+        ]
     return {
         "command": "prune-adapter",
         "method": run.method,
-        "settings": {"run": dataclasses.asdict(run_config), "pruning": dataclasses.asdict(pruning),
-                     "training": dataclasses.asdict(training)},
+        "settings": {
+            "run": dataclasses.asdict(run_config),
+            "pruning": dataclasses.asdict(pruning),
+            "training": dataclasses.asdict(training),
+        },
         "base_model_params": base_parameters,
         "modules": modules,
         "trained_rank": start,
@@ -189,8 +240,11 @@ def adapter_report(run: AdapterRun, run_config: AdapterRunConfig, pruning: RankP
         "total_rank_after": sum(run.ranks.values()),
         "final_ranks": dict(run.ranks),
         "adapter_params_before": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
-        "training": {"steps": training.steps, "train_seconds": run.train_seconds,
-                     "loss_history": loss_history(run.log_history)},
+        "training": {
+            "steps": training.steps,
+            "train_seconds": run.train_seconds,
+            "loss_history": loss_history(run.log_history),
+        },
         "pruning_events": run.pruning_events,
         "planned_total_rank": planned,
         "perplexity_before": None,
@@ -199,15 +253,17 @@ def adapter_report(run: AdapterRun, run_config: AdapterRunConfig, pruning: RankP
     }
 
 
-def load_sft_dataset(data: str, tokenizer: Any, limit: int | None = None,
-                     max_answer_tokens: int = 256) -> tuple[list[dict], SFTCollator]:
+def load_sft_dataset(
+    data: str, tokenizer: Any, limit: int | None = None, max_answer_tokens: int = 256
+) -> tuple[list[dict], SFTCollator]:
     """Tokenised SFT examples (loss on answer tokens only) and their padding collator."""
     records = load_sft_records(data, split="train", limit=limit)
     return tokenize_sft(records, tokenizer, max_answer_tokens), SFTCollator(tokenizer.pad_token_id)
 
 
-def prune_adapter(run_config: AdapterRunConfig, pruning: RankPruningConfig,
-                  training: TrainingConfig) -> tuple[AdapterRun, ExportedAdapter | None]:
+def prune_adapter(
+    run_config: AdapterRunConfig, pruning: RankPruningConfig, training: TrainingConfig
+) -> tuple[AdapterRun, ExportedAdapter | None]:
     """Load the model and data, fine-tune with `run_config.method`, save the adapter; the whole job.
 
     Under `torchrun` / `accelerate launch` (DDP) every process trains and only the main one
@@ -220,8 +276,9 @@ def prune_adapter(run_config: AdapterRunConfig, pruning: RankPruningConfig,
     check_output_dir(run_config.output, run_config.overwrite)  # fail before the long training
     model, tokenizer = load_model(run_config.model, dtype=run_config.dtype, quantize=run_config.quantize)
     base_parameters = count_parameters(model)
-    dataset, collator = load_sft_dataset(run_config.data, tokenizer, run_config.train_limit,
-                                         run_config.max_answer_tokens)
+    dataset, collator = load_sft_dataset(
+        run_config.data, tokenizer, run_config.train_limit, run_config.max_answer_tokens
+    )
     run = train_adapter(model, dataset, collator, run_config.method, pruning, training)
     report = adapter_report(run, run_config, pruning, training, base_parameters)
 
@@ -232,7 +289,8 @@ def prune_adapter(run_config: AdapterRunConfig, pruning: RankPruningConfig,
 
     exported = None
     if is_main_process():  # under torchrun / accelerate launch every process gets here; one writes
-        exported = save_adapter(run, run_config.output, model.name_or_path, overwrite=run_config.overwrite,
-                                finalize=write_reports)
+        exported = save_adapter(
+            run, run_config.output, model.name_or_path, overwrite=run_config.overwrite, finalize=write_reports
+        )
     wait_for_everyone()
     return run, exported

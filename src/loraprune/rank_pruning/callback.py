@@ -36,23 +36,28 @@ class RankPruningCallback(TrainerCallback):
         self.adapter = adapter
         self.pruner: RankPruner | None = None
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model=None, **kwargs) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
+    ) -> None:
         if self.pruner is not None:
             raise LoraPruneError("a RankPruningCallback prunes one training run; create a new one per run")
         self.pruner = RankPruner(model, self.config, total_steps=state.max_steps, adapter=self.adapter)
 
-    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                              **kwargs) -> None:
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ) -> None:
         self.pruner.observe_gradients()
 
-    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                          optimizer=None, **kwargs) -> None:
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer=None, **kwargs
+    ) -> None:
         self.pruner.step(state.global_step + 1, optimizer)
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs) -> None:
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         if not self.pruner.finished:
-            logger.warning("training ended before the last pruning event (step %d): the final rank budget "
-                           "was not reached; current total rank %d",
-                           self.pruner.schedule.events[-1], sum(self.pruner.ranks().values()))
+            logger.warning(
+                "training ended before the last pruning event (step %d): the final rank budget "
+                "was not reached; current total rank %d",
+                self.pruner.schedule.events[-1],
+                sum(self.pruner.ranks().values()),
+            )

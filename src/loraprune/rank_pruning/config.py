@@ -91,8 +91,10 @@ class RankPruningConfig:
         check(self.alpha is None or self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
         check(len(self.target_modules) > 0, "target_modules must name at least one module (e.g. q_proj)")
         check(self.prune_every >= 1 and self.per_event >= 1, "prune_every and per_event must be >= 1")
-        check(0 <= self.warmup < 1 and 0 <= self.cooldown < 1 and self.warmup + self.cooldown < 1,
-              "warmup and cooldown are fractions of the steps in [0, 1) that leave steps to prune in")
+        check(
+            0 <= self.warmup < 1 and 0 <= self.cooldown < 1 and self.warmup + self.cooldown < 1,
+            "warmup and cooldown are fractions of the steps in [0, 1) that leave steps to prune in",
+        )
         check(self.damping > 0, f"damping must be > 0 (the curvature can be singular), got {self.damping}")
         check(0 <= self.min_rank <= self.rank, f"min_rank must be in [0, rank={self.rank}], got {self.min_rank}")
 

@@ -67,8 +67,7 @@ class CompensatedPlan:
 
     def remove(self, count: int) -> ModuleRemoval:
         """Remove the `count` components the criterion picks, the compensating factor absorbing them."""
-        return remove_components(self.sides, self.side_scores, count, self.compensate, self.sequential,
-                                 self.newton)
+        return remove_components(self.sides, self.side_scores, count, self.compensate, self.sequential, self.newton)
 
 
 @dataclass
@@ -100,8 +99,13 @@ def sparsegpt_plan(weight_b: Tensor, weight_a: Tensor, hinv_z: Tensor, sequentia
     return CompensatedPlan((Side(weight_b, None, hinv_z), Side(weight_a, None, eye)), "b", sequential)
 
 
-def zeroing_plan(criterion: str, weight_b: Tensor, weight_a: Tensor, grads: tuple[Tensor, Tensor] | None = None,
-                 gram_z: Tensor | None = None) -> ZeroingPlan:
+def zeroing_plan(
+    criterion: str,
+    weight_b: Tensor,
+    weight_a: Tensor,
+    grads: tuple[Tensor, Tensor] | None = None,
+    gram_z: Tensor | None = None,
+) -> ZeroingPlan:
     """The plan of `magnitude`, `taylor` (needs `grads` = (grad_b, grad_a)) or `wanda` (needs `gram_z`).
 
     `taylor` without gradients (no finite gradient in the window) falls back to magnitude; the

@@ -97,12 +97,20 @@ def export_pruned_adapter(
         exported.base_model_name_or_path = base_model_name_or_path
 
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, staging / ADAPTER_WEIGHTS,
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state.items()},
+            staging / ADAPTER_WEIGHTS,
+            metadata={"format": "pt"},
+        )
         exported.save_pretrained(str(staging))
-        write_json(staging / RANKS_FILE, {"ranks": ranks, "dropped_modules": dropped,
-                                          "trained_rank": {m.name: m.layer.r[adapter]
-                                                           for m in find_lora_modules(model, adapter)}})
+        write_json(
+            staging / RANKS_FILE,
+            {
+                "ranks": ranks,
+                "dropped_modules": dropped,
+                "trained_rank": {m.name: m.layer.r[adapter] for m in find_lora_modules(model, adapter)},
+            },
+        )
         if finalize is not None:
             finalize(staging)
     path = Path(output_dir)

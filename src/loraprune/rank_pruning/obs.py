@@ -164,8 +164,9 @@ class SequentialRemoval:
                 updated.append(Side(weight, torch.zeros_like(weight), hinv, torch.zeros_like(weight)))
             else:  # gradient unchanged on the rest; g_F·(H_FF)⁻¹ = u_F − (u_j / [H⁻¹]_jj)·(H⁻¹)_jF
                 pivot = side.hinv[position, position]
-                projected = (side.projected - torch.outer(side.projected[:, position] / pivot,
-                                                          side.hinv[position]))[:, keep]
+                projected = (side.projected - torch.outer(side.projected[:, position] / pivot, side.hinv[position]))[
+                    :, keep
+                ]
                 updated.append(Side(weight, side.grad[:, keep], hinv, projected))
         self.sides = updated
         self.present.pop(position)
@@ -219,8 +220,14 @@ class ModuleRemoval:
     compensated: str  # "b", "a" or "both"; "none" for a removal that only zeroes (criteria.py)
 
 
-def remove_components(sides: tuple[Side, Side], side_scores: tuple[Tensor, Tensor], count: int, compensate: str,
-                      sequential: bool = False, newton: bool = False) -> ModuleRemoval:
+def remove_components(
+    sides: tuple[Side, Side],
+    side_scores: tuple[Tensor, Tensor],
+    count: int,
+    compensate: str,
+    sequential: bool = False,
+    newton: bool = False,
+) -> ModuleRemoval:
     """Remove `count` components of a module (B side, A side) with the recovery update on `compensate`.
 
     The compensating factor's remaining components absorb the removal (block form, or one at a
@@ -229,7 +236,7 @@ def remove_components(sides: tuple[Side, Side], side_scores: tuple[Tensor, Tenso
     keeps the one with the lower predicted loss change.
     """
     best = None
-    for choice in (("b", "a") if compensate == "auto" else (compensate,)):
+    for choice in ("b", "a") if compensate == "auto" else (compensate,):
         chosen = COMPENSATED_SIDES[choice]
         compensating = [sides[i] for i in chosen]
         if sequential:

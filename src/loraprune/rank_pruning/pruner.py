@@ -108,8 +108,7 @@ def single_threaded(device: torch.device) -> Iterator[None]:
 class RankPruner:
     """Scores, removes and masks rank components of a PEFT LoRA adapter created at rank `config.r0`."""
 
-    def __init__(self, model: PeftModel, config: RankPruningConfig, total_steps: int,
-                 adapter: str = "default") -> None:
+    def __init__(self, model: PeftModel, config: RankPruningConfig, total_steps: int, adapter: str = "default") -> None:
         self.config = config
         self.modules: list[LoraModule] = find_lora_modules(unwrap_parallel(model), adapter)
         expected_scaling = config.lora_alpha / config.r0
@@ -122,16 +121,28 @@ class RankPruner:
                     f"add_lora(model, r={config.r0}, alpha={config.lora_alpha})"
                 )
         self.masks = RankMasks(self.modules, config.r0)
-        self.stats = CurvatureStats(self.modules, config.r0,
-                                    keep_gradients=config.use_gradient or config.criterion == "taylor")
-        self.activations = (ActivationStats(self.modules, config.r0) if config.criterion in ACTIVATION_CRITERIA
-                            else None)
+        self.stats = CurvatureStats(
+            self.modules, config.r0, keep_gradients=config.use_gradient or config.criterion == "taylor"
+        )
+        self.activations = ActivationStats(self.modules, config.r0) if config.criterion in ACTIVATION_CRITERIA else None
         if config.schedule == "per_module":
-            self.schedule = RankSchedule.paper(total_steps, config.r0, config.rank, config.prune_every,
-                                               config.per_event, config.warmup, config.cooldown)
+            self.schedule = RankSchedule.paper(
+                total_steps,
+                config.r0,
+                config.rank,
+                config.prune_every,
+                config.per_event,
+                config.warmup,
+                config.cooldown,
+            )
         else:
-            self.schedule = RankSchedule.cubic(total_steps, len(self.modules) * (config.r0 - config.rank),
-                                               config.prune_every, config.warmup, config.cooldown)
+            self.schedule = RankSchedule.cubic(
+                total_steps,
+                len(self.modules) * (config.r0 - config.rank),
+                config.prune_every,
+                config.warmup,
+                config.cooldown,
+            )
         self.history: list[PruningEvent] = []
         self.skipped_steps = 0
 
@@ -196,16 +207,29 @@ class RankPruner:
                 if predicted is not None:
                     predicted += float(removal.loss_change)
         self._broadcast()
-        event = PruningEvent(step, removed, predicted, sum(self.masks.ranks()), self.stats.count,
-                             time.perf_counter() - start, compensated)
+        event = PruningEvent(
+            step,
+            removed,
+            predicted,
+            sum(self.masks.ranks()),
+            self.stats.count,
+            time.perf_counter() - start,
+            compensated,
+        )
         self.history.append(event)
         self.stats.reset()
         if self.activations is not None:
             self.activations.reset()
-        logger.log(logging.INFO if removed else logging.DEBUG,
-                   "step %d: pruned %d components (%s), total rank %d, predicted loss change %s (%.2fs)",
-                   step, sum(len(v) for v in removed.values()), self.config.criterion, event.total_rank,
-                   "-" if predicted is None else f"{predicted:.4g}", event.seconds)
+        logger.log(
+            logging.INFO if removed else logging.DEBUG,
+            "step %d: pruned %d components (%s), total rank %d, predicted loss change %s (%.2fs)",
+            step,
+            sum(len(v) for v in removed.values()),
+            self.config.criterion,
+            event.total_rank,
+            "-" if predicted is None else f"{predicted:.4g}",
+            event.seconds,
+        )
         return event
 
     # ---- scoring and removal ----------------------------------------------------------------
@@ -238,8 +262,10 @@ class RankPruner:
             weight_a = full_tensor(module.lora_a.detach()).float().index_select(0, active).T
             grads = None
             if self.stats.keep_gradients and self.stats.count:
-                grads = (self.stats.grad_b[index].index_select(1, active) / count,
-                         self.stats.grad_a[index].index_select(0, active).T / count)
+                grads = (
+                    self.stats.grad_b[index].index_select(1, active) / count,
+                    self.stats.grad_a[index].index_select(0, active).T / count,
+                )
             if criterion == "obs":
                 grad_b, grad_a = grads if grads is not None else (None, None)
                 sides = (Side(weight_b, grad_b, hinv_b[index]), Side(weight_a, grad_a, hinv_a[index]))
@@ -275,16 +301,18 @@ class RankPruner:
         grams, seen = self.activations.means()
         missing = torch.nonzero(~seen).flatten().tolist()
         if missing:
-            logger.warning("%d LoRA modules saw no input since the last pruning event: white inputs assumed",
-                           len(missing))
+            logger.warning(
+                "%d LoRA modules saw no input since the last pruning event: white inputs assumed", len(missing)
+            )
         for index in missing:
             lora_a = full_tensor(self.modules[index].lora_a.detach()).float()
             grams[index] = lora_a @ lora_a.T
         return grams
 
     @torch.no_grad()
-    def _remove(self, index: int, plan: CompensatedPlan | ZeroingPlan, count: int,
-                optimizer: torch.optim.Optimizer | None) -> tuple[Tensor, ModuleRemoval]:
+    def _remove(
+        self, index: int, plan: CompensatedPlan | ZeroingPlan, count: int, optimizer: torch.optim.Optimizer | None
+    ) -> tuple[Tensor, ModuleRemoval]:
         """Remove `count` components of module `index` as its plan says, in place (weights, masks, moments).
 
         Returns the removed components (indices among the `r0`) and the removal.
@@ -300,8 +328,9 @@ class RankPruner:
 
     def _broadcast(self) -> None:
         """Make every data-parallel replica hold rank 0's masks and LoRA weights (FSDP shards stay each rank's)."""
-        replicated = [param.data for module in self.modules for param in (module.lora_a, module.lora_b)
-                      if not is_sharded(param)]
+        replicated = [
+            param.data for module in self.modules for param in (module.lora_a, module.lora_b) if not is_sharded(param)
+        ]
         broadcast_from_main([self.masks.active, *replicated])
 
     # ---- results ----------------------------------------------------------------------------

@@ -38,8 +38,9 @@ class RankSchedule:
         check(all(a <= b for a, b in zip(self.removed, self.removed[1:])), "removed counts must not decrease")
 
     @classmethod
-    def paper(cls, total_steps: int, r0: int, rank: int, every: int, per_event: int,
-              warmup: float, cooldown: float) -> RankSchedule:
+    def paper(
+        cls, total_steps: int, r0: int, rank: int, every: int, per_event: int, warmup: float, cooldown: float
+    ) -> RankSchedule:
         """Every `every` (K1) steps remove `per_event` (K2) components per module until `rank` remains.
 
         When the events that fit between warm-up and cool-down cannot remove `r0 - rank`
@@ -49,8 +50,13 @@ class RankSchedule:
         total = r0 - rank
         needed = math.ceil(total / len(events))
         if needed > per_event:
-            logger.warning("%d pruning events cannot remove %d components at %d per event; removing %d per event",
-                           len(events), total, per_event, needed)
+            logger.warning(
+                "%d pruning events cannot remove %d components at %d per event; removing %d per event",
+                len(events),
+                total,
+                per_event,
+                needed,
+            )
             per_event = needed
         removed = tuple(min(total, per_event * (i + 1)) for i in range(len(events)))
         return cls(events, removed, per_module=True)

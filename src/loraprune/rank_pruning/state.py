@@ -51,12 +51,16 @@ def find_lora_modules(model: PeftModel, adapter: str = "default") -> list[LoraMo
         if isinstance(module, LoraLayer) and adapter in getattr(module, "lora_A", {})
     ]
     if not modules:
-        raise LoraPruneError(f"the model has no LoRA linear layers for adapter {adapter!r}; wrap it with "
-                             "loraprune.lora.add_lora(model, r0) first")
+        raise LoraPruneError(
+            f"the model has no LoRA linear layers for adapter {adapter!r}; wrap it with "
+            "loraprune.lora.add_lora(model, r0) first"
+        )
     for module in modules:
         if module.layer.use_dora.get(adapter, False):
-            raise LoraPruneError(f"{module.name} uses DoRA, whose magnitude vector PrunedLoRA does not prune; "
-                                 "create the adapter without use_dora")
+            raise LoraPruneError(
+                f"{module.name} uses DoRA, whose magnitude vector PrunedLoRA does not prune; "
+                "create the adapter without use_dora"
+            )
     return modules
 
 

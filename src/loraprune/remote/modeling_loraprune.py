@@ -33,8 +33,9 @@ def _linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Line
     )
 
 
-def resize_decoder_layer(layer: nn.Module, num_attention_heads: int, num_key_value_heads: int,
-                         intermediate_size: int) -> None:
+def resize_decoder_layer(
+    layer: nn.Module, num_attention_heads: int, num_key_value_heads: int, intermediate_size: int
+) -> None:
     """Give one decoder layer new (uninitialised) projections of the stated widths."""
     attn, mlp = layer.self_attn, layer.mlp
     head_dim = attn.head_dim
@@ -54,9 +55,7 @@ def resize_decoder_layer(layer: nn.Module, num_attention_heads: int, num_key_val
 def _apply_layer_sizes(model: nn.Module, layer_sizes: list[dict]) -> None:
     layers = model.model.layers
     if len(layer_sizes) != len(layers):
-        raise ValueError(
-            f"config.layer_sizes has {len(layer_sizes)} entries for {len(layers)} decoder layers"
-        )
+        raise ValueError(f"config.layer_sizes has {len(layer_sizes)} entries for {len(layers)} decoder layers")
     for layer, sizes in zip(layers, layer_sizes):
         resize_decoder_layer(layer, *(int(sizes[key]) for key in SIZE_KEYS))
 

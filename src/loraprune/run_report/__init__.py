@@ -32,8 +32,10 @@ def write_run_report(directory: str | Path) -> list[Path]:
     record = load_record(directory)
     command = record.get("command")
     if command not in BUILDERS:
-        raise LoraPruneError(f"{directory / REPORT_FILE} is not the record of a prune-model or prune-adapter run "
-                             f"(command {command!r}); only those have run reports")
+        raise LoraPruneError(
+            f"{directory / REPORT_FILE} is not the record of a prune-model or prune-adapter run "
+            f"(command {command!r}); only those have run reports"
+        )
     figures: dict = {}
     title, blocks = BUILDERS[command](record, figures)
     written = [save_figure(figure, directory / name) for name, figure in figures.items()]

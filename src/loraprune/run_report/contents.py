@@ -68,15 +68,20 @@ def _environment(record: Mapping[str, Any]) -> Paragraph:
     return Paragraph("Environment: " + ", ".join(f"{name} {value}" for name, value in env.items()) + ".")
 
 
-def _loss_section(history: list[Mapping[str, float]] | None, steps: int, events: list[Mapping[str, Any]],
-                  figures: dict[str, Any]) -> list[Block]:
+def _loss_section(
+    history: list[Mapping[str, float]] | None, steps: int, events: list[Mapping[str, Any]], figures: dict[str, Any]
+) -> list[Block]:
     if not history:
         return [Paragraph(f"No training loss was logged ({steps} steps).")]
     figures[LOSS_PNG] = plots.loss_curve(history, [event["step"] for event in events])
     first, last = history[0], history[-1]
-    return [Image(LOSS_PNG, "training loss against step"),
-            Paragraph(f"Logged loss {first['loss']:.4f} at step {first['step']} → {last['loss']:.4f} at step "
-                      f"{last['step']} ({len(history)} logged points).")]
+    return [
+        Image(LOSS_PNG, "training loss against step"),
+        Paragraph(
+            f"Logged loss {first['loss']:.4f} at step {first['step']} → {last['loss']:.4f} at step "
+            f"{last['step']} ({len(history)} logged points)."
+        ),
+    ]
 
 
 # ---- prune-model ---------------------------------------------------------------------------------
@@ -86,10 +91,15 @@ def _perplexity_row(record: Mapping[str, Any]) -> tuple[str, ...] | None:
     before, after = record.get("perplexity_before"), record.get("perplexity_after")
     if before is None or after is None:
         return None
-    label = (f"perplexity ({before['data']}, {before['split']}, seq_len {before['seq_len']}, "
-             f"{before['tokens']:,} tokens)")
-    return (label, f"{before['perplexity']:.3f}", f"{after['perplexity']:.3f}",
-            _change(before["perplexity"], after["perplexity"]))
+    label = (
+        f"perplexity ({before['data']}, {before['split']}, seq_len {before['seq_len']}, {before['tokens']:,} tokens)"
+    )
+    return (
+        label,
+        f"{before['perplexity']:.3f}",
+        f"{after['perplexity']:.3f}",
+        _change(before["perplexity"], after["perplexity"]),
+    )
 
 
 def _layer_table(record: Mapping[str, Any]) -> Table:
@@ -101,25 +111,38 @@ def _layer_table(record: Mapping[str, Any]) -> Table:
     header = ("layer", "query heads", "KV groups", "MLP channels")
     if before:
         header = tuple(f"{name} (kept / original)" if name != "layer" else name for name in header)
-    return Table(header, tuple((str(row["layer"]), cell(row, "heads"), cell(row, "kv_heads"),
-                                cell(row, "channels")) for row in record["layers"]))
+    return Table(
+        header,
+        tuple(
+            (str(row["layer"]), cell(row, "heads"), cell(row, "kv_heads"), cell(row, "channels"))
+            for row in record["layers"]
+        ),
+    )
 
 
 def _budget_section(record: Mapping[str, Any], figures: dict[str, Any]) -> list[Block]:
     training = record.get("training") or {}
     schedule = training.get("loraprune")
     if record["method"] != "loraprune":
-        return [Paragraph(f"One-shot `{record['method']}`: every group was removed at once, before any training, "
-                          "so there is no schedule to plot.")]
+        return [
+            Paragraph(
+                f"One-shot `{record['method']}`: every group was removed at once, before any training, "
+                "so there is no schedule to plot."
+            )
+        ]
     if not schedule or "schedule" not in schedule:
         return [Paragraph("This record has no LoRAPrune schedule (written by an older loraprune).")]
     events = schedule["events"]
     figures[BUDGET_PNG] = plots.sparsity_against_step(events, schedule["schedule"], record["sparsity_decoder"])
     steps = ", ".join(str(e["step"]) for e in events) or "none"
     reached = "reached" if schedule["reached_target"] else "**not reached**"
-    return [Image(BUDGET_PNG, "sparsity against step"),
-            Paragraph(f"{len(events)} pruning events (steps {steps}); target {reached}; "
-                      f"{schedule['observations']} score observations, {schedule['skipped_steps']} skipped steps.")]
+    return [
+        Image(BUDGET_PNG, "sparsity against step"),
+        Paragraph(
+            f"{len(events)} pruning events (steps {steps}); target {reached}; "
+            f"{schedule['observations']} score observations, {schedule['skipped_steps']} skipped steps."
+        ),
+    ]
 
 
 def model_report(record: Mapping[str, Any], figures: dict[str, Any]) -> tuple[str, list[Block]]:
@@ -131,31 +154,48 @@ def model_report(record: Mapping[str, Any], figures: dict[str, Any]) -> tuple[st
     span = f"layers {layers[0]}-{layers[-1]}" if layers else "no layers"
     blocks: list[Block] = [
         Heading(title, 1),
-        Paragraph(f"`{record['method']}` removed {record['sparsity_decoder']:.2%} of the decoder's attention+MLP "
-                  f"parameters ({record['sparsity_total']:.2%} of all parameters); attention unit "
-                  f"`{record.get('attention_unit')}`, prunable {span}. {REGENERATE}"),
+        Paragraph(
+            f"`{record['method']}` removed {record['sparsity_decoder']:.2%} of the decoder's attention+MLP "
+            f"parameters ({record['sparsity_total']:.2%} of all parameters); attention unit "
+            f"`{record.get('attention_unit')}`, prunable {span}. {REGENERATE}"
+        ),
         Heading("Size and quality"),
     ]
     rows = [
-        ("parameters (all)", _count(record["params_before"]), _count(record["params_after"]),
-         _change(record["params_before"], record["params_after"])),
-        ("decoder attention+MLP parameters", _count(record["decoder_params_before"]),
-         _count(record["decoder_params_after"]),
-         _change(record["decoder_params_before"], record["decoder_params_after"])),
-        _size_row("weight files (*.safetensors)", record["params_before"], record["params_after"],
-                  record.get("file_size_bytes")),
+        (
+            "parameters (all)",
+            _count(record["params_before"]),
+            _count(record["params_after"]),
+            _change(record["params_before"], record["params_after"]),
+        ),
+        (
+            "decoder attention+MLP parameters",
+            _count(record["decoder_params_before"]),
+            _count(record["decoder_params_after"]),
+            _change(record["decoder_params_before"], record["decoder_params_after"]),
+        ),
+        _size_row(
+            "weight files (*.safetensors)",
+            record["params_before"],
+            record["params_after"],
+            record.get("file_size_bytes"),
+        ),
     ]
     perplexity = _perplexity_row(record)
     if perplexity is not None:
         rows.append(perplexity)
     blocks.append(Table(("", "before", "after", "change"), tuple(rows)))
     if perplexity is None:
-        blocks.append(Paragraph("Perplexity was not evaluated (pass `--eval-data wikitext2` to measure it "
-                                "before and after)."))
+        blocks.append(
+            Paragraph("Perplexity was not evaluated (pass `--eval-data wikitext2` to measure it before and after).")
+        )
 
     figures[WIDTHS_PNG] = plots.kept_widths(record["layers"], record.get("layers_before"))
-    blocks += [Heading("Kept structure per layer"), Image(WIDTHS_PNG, "kept heads, KV groups and channels per layer"),
-               _layer_table(record)]
+    blocks += [
+        Heading("Kept structure per layer"),
+        Image(WIDTHS_PNG, "kept heads, KV groups and channels per layer"),
+        _layer_table(record),
+    ]
 
     training = record.get("training")
     blocks.append(Heading("Sparsity against step"))
@@ -170,9 +210,13 @@ def model_report(record: Mapping[str, Any], figures: dict[str, Any]) -> tuple[st
         events = (training.get("loraprune") or {}).get("events", [])
         blocks += _loss_section(training.get("loss_history"), training["steps"], events, figures)
         merged = "merged into the saved weights" if settings.get("merge_adapter", True) else "saved in `adapter/`"
-        blocks.append(Paragraph(f"LoRA rank {training['rank']}, alpha {training['alpha']}, learning rate "
-                                f"{training['learning_rate']:g}, batch {training['batch_size']}, "
-                                f"{training['train_seconds']:.1f} s of training; the adapter is {merged}."))
+        blocks.append(
+            Paragraph(
+                f"LoRA rank {training['rank']}, alpha {training['alpha']}, learning rate "
+                f"{training['learning_rate']:g}, batch {training['batch_size']}, "
+                f"{training['train_seconds']:.1f} s of training; the adapter is {merged}."
+            )
+        )
     blocks += [Heading("Settings"), _settings_table(settings)]
     if record.get("loraprune_settings"):
         blocks += [Paragraph("LoRAPrune schedule:"), _settings_table(record["loraprune_settings"])]
@@ -188,14 +232,26 @@ def _rank_budget_section(record: Mapping[str, Any], figures: dict[str, Any]) -> 
     if record["method"] in ("lora", "lora-r0"):
         return [Paragraph(f"`{record['method']}` trains at a fixed rank: nothing is pruned.")]
     if not events:
-        return [Paragraph(f"`{record['method']}` recorded no pruning events (AdaLoRA masks ranks inside PEFT; "
-                          "its final ranks are shown above).")]
+        return [
+            Paragraph(
+                f"`{record['method']}` recorded no pruning events (AdaLoRA masks ranks inside PEFT; "
+                "its final ranks are shown above)."
+            )
+        ]
     figures[BUDGET_PNG] = plots.rank_against_step(
-        events, [tuple(pair) for pair in record.get("planned_total_rank") or []], record["total_rank_before"],
-        record["target_total_rank"], record["training"]["steps"])
-    return [Image(BUDGET_PNG, "total rank against step"),
-            Paragraph(f"{len(events)} pruning events; total rank {record['total_rank_before']:,} → "
-                      f"{events[-1]['total_rank']:,} (target {record['target_total_rank']:,}).")]
+        events,
+        [tuple(pair) for pair in record.get("planned_total_rank") or []],
+        record["total_rank_before"],
+        record["target_total_rank"],
+        record["training"]["steps"],
+    )
+    return [
+        Image(BUDGET_PNG, "total rank against step"),
+        Paragraph(
+            f"{len(events)} pruning events; total rank {record['total_rank_before']:,} → "
+            f"{events[-1]['total_rank']:,} (target {record['target_total_rank']:,})."
+        ),
+    ]
 
 
 def adapter_report(record: Mapping[str, Any], figures: dict[str, Any]) -> tuple[str, list[Block]]:
@@ -208,35 +264,62 @@ def adapter_report(record: Mapping[str, Any], figures: dict[str, Any]) -> tuple[
     modules = record["modules"]
     blocks: list[Block] = [
         Heading(title, 1),
-        Paragraph(f"`{record['method']}` LoRA adapter on `{model}`, trained on `{settings['run']['data']}`: "
-                  f"{modules} modules created at rank {record['trained_rank']}, final total rank "
-                  f"{record['total_rank_after']:,} (mean {record['total_rank_after'] / modules:.2f}); "
-                  f"{len(dropped)} modules pruned to rank 0 and left out of the adapter. {REGENERATE}"),
+        Paragraph(
+            f"`{record['method']}` LoRA adapter on `{model}`, trained on `{settings['run']['data']}`: "
+            f"{modules} modules created at rank {record['trained_rank']}, final total rank "
+            f"{record['total_rank_after']:,} (mean {record['total_rank_after'] / modules:.2f}); "
+            f"{len(dropped)} modules pruned to rank 0 and left out of the adapter. {REGENERATE}"
+        ),
         Heading("Size and quality"),
-        Table(("", "before (as trained)", "after (saved)", "change"), (
-            ("adapter parameters", _count(record["adapter_params_before"]), _count(record["adapter_params_after"]),
-             _change(record["adapter_params_before"], record["adapter_params_after"])),
-            ("total LoRA rank", _count(record["total_rank_before"]), _count(record["total_rank_after"]),
-             _change(record["total_rank_before"], record["total_rank_after"])),
-            _size_row("adapter file (adapter_model.safetensors)", record["adapter_params_before"],
-                      record["adapter_params_after"], record["file_size_bytes"]),
-            ("base model parameters (unchanged)", _count(record["base_model_params"]),
-             _count(record["base_model_params"]), "unchanged"),
-        )),
-        Paragraph("Perplexity was not evaluated: `prune-adapter` only trains and prunes. Measure the adapted model "
-                  f"with `loraprune eval --model {model} --adapter DIR --data wikitext2`."),
+        Table(
+            ("", "before (as trained)", "after (saved)", "change"),
+            (
+                (
+                    "adapter parameters",
+                    _count(record["adapter_params_before"]),
+                    _count(record["adapter_params_after"]),
+                    _change(record["adapter_params_before"], record["adapter_params_after"]),
+                ),
+                (
+                    "total LoRA rank",
+                    _count(record["total_rank_before"]),
+                    _count(record["total_rank_after"]),
+                    _change(record["total_rank_before"], record["total_rank_after"]),
+                ),
+                _size_row(
+                    "adapter file (adapter_model.safetensors)",
+                    record["adapter_params_before"],
+                    record["adapter_params_after"],
+                    record["file_size_bytes"],
+                ),
+                (
+                    "base model parameters (unchanged)",
+                    _count(record["base_model_params"]),
+                    _count(record["base_model_params"]),
+                    "unchanged",
+                ),
+            ),
+        ),
+        Paragraph(
+            "Perplexity was not evaluated: `prune-adapter` only trains and prunes. Measure the adapted model "
+            f"with `loraprune eval --model {model} --adapter DIR --data wikitext2`."
+        ),
         Heading("Final rank per module"),
     ]
     figures[RANKS_PNG] = plots.rank_heatmap(ranks, record["trained_rank"])
     blocks.append(Image(RANKS_PNG, "final rank per layer and module"))
     if 0 < len(dropped) <= 12:
         blocks.append(Paragraph("Modules at rank 0: " + ", ".join(f"`{name}`" for name in dropped) + "."))
-    blocks += [Heading("Rank budget against step"), *_rank_budget_section(record, figures),
-               Heading("Training loss"),
-               *_loss_section(record["training"]["loss_history"], record["training"]["steps"],
-                              record.get("pruning_events") or [], figures),
-               Paragraph(f"{record['training']['steps']} steps in {record['training']['train_seconds']:.1f} s."),
-               Heading("Settings")]
+    blocks += [
+        Heading("Rank budget against step"),
+        *_rank_budget_section(record, figures),
+        Heading("Training loss"),
+        *_loss_section(
+            record["training"]["loss_history"], record["training"]["steps"], record.get("pruning_events") or [], figures
+        ),
+        Paragraph(f"{record['training']['steps']} steps in {record['training']['train_seconds']:.1f} s."),
+        Heading("Settings"),
+    ]
     for group in ("run", "pruning", "training"):
         blocks += [Paragraph(f"{group.capitalize()} options:"), _settings_table(settings[group])]
     blocks.append(_environment(record))

@@ -55,8 +55,10 @@ def to_markdown(blocks: list[Block]) -> str:
         elif isinstance(block, Paragraph):
             parts.append(block.text)
         elif isinstance(block, Table):
-            lines = ["| " + " | ".join(map(_markdown_cell, block.header)) + " |",
-                     "|" + "|".join("---" for _ in block.header) + "|"]
+            lines = [
+                "| " + " | ".join(map(_markdown_cell, block.header)) + " |",
+                "|" + "|".join("---" for _ in block.header) + "|",
+            ]
             lines += ["| " + " | ".join(map(_markdown_cell, row)) + " |" for row in block.rows]
             parts.append("\n".join(lines))
         else:
@@ -95,14 +97,16 @@ def to_html(blocks: list[Block], title: str, directory: Path) -> str:
             body.append(f"<p>{_inline(block.text)}</p>")
         elif isinstance(block, Table):
             head = "".join(f"<th>{_inline(cell)}</th>" for cell in block.header)
-            rows = "".join("<tr>" + "".join(f"<td>{_inline(cell)}</td>" for cell in row) + "</tr>"
-                           for row in block.rows)
+            rows = "".join(
+                "<tr>" + "".join(f"<td>{_inline(cell)}</td>" for cell in row) + "</tr>" for row in block.rows
+            )
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
         else:
             data = base64.b64encode((directory / block.file).read_bytes()).decode("ascii")
             body.append(f'<p><img alt="{html.escape(block.alt)}" src="data:image/png;base64,{data}"></p>')
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
-        + "\n".join(body) + "\n</body>\n</html>\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
     )

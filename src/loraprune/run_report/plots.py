@@ -39,8 +39,9 @@ def save_figure(figure: Figure, path: str | Path) -> Path:
     return Path(path)
 
 
-def kept_widths(layers_after: Sequence[Mapping[str, int]],
-                layers_before: Sequence[Mapping[str, int]] | None = None) -> Figure:
+def kept_widths(
+    layers_after: Sequence[Mapping[str, int]], layers_before: Sequence[Mapping[str, int]] | None = None
+) -> Figure:
     """One bar per decoder layer and panel (query heads, KV groups, MLP channels): kept, over the original."""
     figure = new_figure(10, 3.4)
     axes = figure.subplots(1, len(WIDTH_PANELS))
@@ -73,8 +74,14 @@ def loss_curve(history: Sequence[Mapping[str, float]], pruning_steps: Sequence[i
     for index, step in enumerate(pruning_steps):
         axis.axvline(step, color=PLANNED, alpha=0.5, linewidth=1, label="pruning event" if index == 0 else None)
     steps = [entry["step"] for entry in history]
-    axis.plot(steps, [entry["loss"] for entry in history], marker="o" if len(history) <= 40 else None,
-              markersize=3, color=KEPT, label="training loss")
+    axis.plot(
+        steps,
+        [entry["loss"] for entry in history],
+        marker="o" if len(history) <= 40 else None,
+        markersize=3,
+        color=KEPT,
+        label="training loss",
+    )
     axis.set_xlabel("optimizer step")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_ylabel("training loss (logged mean)")
@@ -85,18 +92,30 @@ def loss_curve(history: Sequence[Mapping[str, float]], pruning_steps: Sequence[i
     return figure
 
 
-def sparsity_against_step(events: Sequence[Mapping[str, Any]], schedule: Mapping[str, int],
-                          final_sparsity: float) -> Figure:
+def sparsity_against_step(
+    events: Sequence[Mapping[str, Any]], schedule: Mapping[str, int], final_sparsity: float
+) -> Figure:
     """LoRAPrune's budget: the cubic schedule (scaled to the final sparsity) and the sparsity each event reached."""
     figure = new_figure(6.4, 3.6)
     axis = figure.subplots()
     cubic = CubicSchedule(**schedule)
     steps = list(range(cubic.total_steps + 1))
-    axis.plot(steps, [100 * final_sparsity * cubic.fraction(s) for s in steps], color=PLANNED, linewidth=4,
-              alpha=0.45, label="cubic schedule")
+    axis.plot(
+        steps,
+        [100 * final_sparsity * cubic.fraction(s) for s in steps],
+        color=PLANNED,
+        linewidth=4,
+        alpha=0.45,
+        label="cubic schedule",
+    )
     reached = [(0, 0.0)] + [(e["step"], 100 * e["decoder_sparsity"]) for e in events]
-    axis.step([s for s, _ in reached] + [cubic.total_steps], [v for _, v in reached] + [reached[-1][1]],
-              where="post", color=KEPT, label="removed (pruning events)")
+    axis.step(
+        [s for s, _ in reached] + [cubic.total_steps],
+        [v for _, v in reached] + [reached[-1][1]],
+        where="post",
+        color=KEPT,
+        label="removed (pruning events)",
+    )
     axis.plot([s for s, _ in reached[1:]], [v for _, v in reached[1:]], "o", color=KEPT, markersize=4)
     _label_budget_axis(axis, "decoder attn+MLP params removed (%)", "Sparsity against step", "lower right")
     return figure
@@ -113,18 +132,35 @@ def _label_budget_axis(axis: Any, ylabel: str, title: str, legend_loc: str) -> N
     axis.legend(loc=legend_loc, fontsize=8)
 
 
-def rank_against_step(events: Sequence[Mapping[str, Any]], planned: Sequence[tuple[int, int]], start_rank: int,
-                      target_rank: int, total_steps: int) -> Figure:
+def rank_against_step(
+    events: Sequence[Mapping[str, Any]],
+    planned: Sequence[tuple[int, int]],
+    start_rank: int,
+    target_rank: int,
+    total_steps: int,
+) -> Figure:
     """PrunedLoRA's budget: total rank over all modules after each pruning event, planned and reached."""
     figure = new_figure(6.4, 3.6)
     axis = figure.subplots()
     if planned:
         plan = [(0, start_rank), *planned]
-        axis.step([s for s, _ in plan] + [total_steps], [r for _, r in plan] + [plan[-1][1]], where="post",
-                  color=PLANNED, linewidth=4, alpha=0.45, label="schedule")
+        axis.step(
+            [s for s, _ in plan] + [total_steps],
+            [r for _, r in plan] + [plan[-1][1]],
+            where="post",
+            color=PLANNED,
+            linewidth=4,
+            alpha=0.45,
+            label="schedule",
+        )
     reached = [(0, start_rank)] + [(e["step"], e["total_rank"]) for e in events]
-    axis.step([s for s, _ in reached] + [total_steps], [r for _, r in reached] + [reached[-1][1]], where="post",
-              color=KEPT, label="reached (pruning events)")
+    axis.step(
+        [s for s, _ in reached] + [total_steps],
+        [r for _, r in reached] + [reached[-1][1]],
+        where="post",
+        color=KEPT,
+        label="reached (pruning events)",
+    )
     axis.plot([s for s, _ in reached[1:]], [r for _, r in reached[1:]], "o", color=KEPT, markersize=4)
     axis.axhline(target_rank, color="grey", linewidth=0.8, linestyle=":", label=f"target {target_rank:,}")
     _label_budget_axis(axis, "total LoRA rank (all modules)", "Rank budget against step", "upper right")
@@ -148,12 +184,14 @@ def rank_grid(ranks: Mapping[str, int]) -> tuple[list[int], list[str], list[list
     return layers, modules, [[float(grid[layer].get(m, math.nan)) for m in modules] for layer in layers]
 
 
-def draw_rank_heatmap(axis: Axes, ranks: Mapping[str, int], vmax: float | None = None,
-                      annotate: bool = False) -> AxesImage:
+def draw_rank_heatmap(
+    axis: Axes, ranks: Mapping[str, int], vmax: float | None = None, annotate: bool = False
+) -> AxesImage:
     """Draw the layer × module grid of `ranks` on `axis` (colour scale 0..vmax); returns the image."""
     layers, modules, grid = rank_grid(ranks)
-    image = axis.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=vmax or max(ranks.values()),
-                        interpolation="nearest")
+    image = axis.imshow(
+        grid, aspect="auto", cmap="viridis", vmin=0, vmax=vmax or max(ranks.values()), interpolation="nearest"
+    )
     names = [m.removesuffix("_proj") for m in modules]
     axis.set_xticks(range(len(modules)), names, fontsize=8, rotation=0 if max(map(len, names)) <= 5 else 90)
     step = max(1, math.ceil(len(layers) / 32))
@@ -165,8 +203,15 @@ def draw_rank_heatmap(axis: Axes, ranks: Mapping[str, int], vmax: float | None =
         for row, values in enumerate(grid):
             for column, value in enumerate(values):
                 if not math.isnan(value):
-                    axis.text(column, row, f"{value:.0f}", ha="center", va="center", fontsize=6,
-                              color="black" if value > 0.6 * limit else "white")
+                    axis.text(
+                        column,
+                        row,
+                        f"{value:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="black" if value > 0.6 * limit else "white",
+                    )
     return image
 
 

@@ -21,7 +21,8 @@ def loss_history(log_history: Iterable[Mapping[str, Any]]) -> list[dict[str, flo
     """The training-loss entries of a `Trainer` log history: step, loss and learning rate."""
     return [
         {"step": entry["step"], "loss": entry["loss"], "learning_rate": entry.get("learning_rate")}
-        for entry in log_history if "loss" in entry
+        for entry in log_history
+        if "loss" in entry
     ]
 
 
@@ -29,8 +30,10 @@ def load_record(directory: str | Path) -> dict[str, Any]:
     """The run record of `directory`; a `LoraPruneError` when there is none (or it is not JSON)."""
     path = Path(directory) / REPORT_FILE
     if not path.is_file():
-        raise LoraPruneError(f"{directory} has no {REPORT_FILE}: it is not the output of `loraprune prune-model` "
-                             "or `loraprune prune-adapter`")
+        raise LoraPruneError(
+            f"{directory} has no {REPORT_FILE}: it is not the output of `loraprune prune-model` "
+            "or `loraprune prune-adapter`"
+        )
     try:
         record = json.loads(path.read_text())
     except json.JSONDecodeError as error:

@@ -45,12 +45,19 @@ def prune_nm(config: PruneNMConfig, schedule: LoRAPruneConfig | None = None) -> 
     model, tokenizer = load_model(config.model, dtype=config.dtype)
     modules = nm_modules(model, pattern, config.layers)
     windows = training_windows(tokenizer, config.calibration_data, config.seq_len) if config.steps else None
-    lora = LoraSettings(steps=config.steps, rank=config.lora_rank, alpha=config.lora_alpha,
-                        learning_rate=config.learning_rate, batch_size=config.batch_size, seed=config.seed)
+    lora = LoraSettings(
+        steps=config.steps,
+        rank=config.lora_rank,
+        alpha=config.lora_alpha,
+        learning_rate=config.learning_rate,
+        batch_size=config.batch_size,
+        seed=config.seed,
+    )
     batches = None
     if config.method in ("wanda", "sparsegpt"):
-        batches = calibration_batches(tokenizer, config.calibration_data, config.calibration_samples,
-                                      config.seq_len, config.seed)
+        batches = calibration_batches(
+            tokenizer, config.calibration_data, config.calibration_samples, config.seq_len, config.seed
+        )
     before = size_summary(model)
     perplexity_before = requested_perplexity(model, tokenizer, config, "before")
 
@@ -60,8 +67,16 @@ def prune_nm(config: PruneNMConfig, schedule: LoRAPruneConfig | None = None) -> 
         model, run, _ = loraprune_nm(model, windows, lora, pattern, schedule, config.layers)
         training = run.summary
     else:
-        masks = prune_one_shot(model, config.method, pattern, modules, batches, batch_size=config.batch_size,
-                               block_size=config.sparsegpt_block_size, damp=config.sparsegpt_damp)
+        masks = prune_one_shot(
+            model,
+            config.method,
+            pattern,
+            modules,
+            batches,
+            batch_size=config.batch_size,
+            block_size=config.sparsegpt_block_size,
+            damp=config.sparsegpt_damp,
+        )
         if config.steps:
             perplexity_one_shot = requested_perplexity(model, tokenizer, config, "after one-shot pruning")
             model, run = masked_recovery(model, masks, windows, lora)
@@ -74,7 +89,7 @@ def prune_nm(config: PruneNMConfig, schedule: LoRAPruneConfig | None = None) -> 
         "method": config.method,
         "nm": summary,
         "sparsity_definition": "zeros among the weights of the decoder layers' attention+MLP projections; "
-                               "parameter counts do not change (the zeros are stored)",
+        "parameter counts do not change (the zeros are stored)",
         "params": before["params"],
         "decoder_params": before["decoder_params"],
         "perplexity_before": perplexity_before,

@@ -20,28 +20,32 @@ from loraprune.semi_structured.pruner import NMPruner
 class NMPruneCallback(TrainerCallback):
     """Runs an `NMPruner` inside `Trainer.train()`; `pruner.finish()` afterwards gives the merged N:M model."""
 
-    def __init__(self, pattern: NMPattern, config: LoRAPruneConfig | None = None, layers: str = "all",
-                 adapter: str = "default") -> None:
+    def __init__(
+        self, pattern: NMPattern, config: LoRAPruneConfig | None = None, layers: str = "all", adapter: str = "default"
+    ) -> None:
         self.pattern = pattern
         self.config = config or LoRAPruneConfig()
         self.layers = layers
         self.adapter = adapter
         self.pruner: NMPruner | None = None
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model=None, **kwargs) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
+    ) -> None:
         if self.pruner is not None:
             raise LoraPruneError("an NMPruneCallback prunes one training run; create a new one per Trainer")
         if state.global_step > 0:
             raise LoraPruneError("LoRAPrune N:M cannot resume from a checkpoint (its element scores are not saved)")
         self.pruner = NMPruner(model, state.max_steps, self.pattern, self.config, self.layers, self.adapter)
 
-    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                              **kwargs) -> None:
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ) -> None:
         self.pruner.observe()
 
-    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                          **kwargs) -> None:
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ) -> None:
         self.pruner.after_optimizer_step()
 
 
@@ -54,7 +58,8 @@ class FixedMaskCallback(TrainerCallback):
         self.adapter = adapter
         self.forward: MaskedMergedForward | None = None
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model=None, **kwargs) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
+    ) -> None:
         if self.forward is None:
             self.forward = MaskedMergedForward(model, self.masks, self.adapter)

@@ -22,20 +22,24 @@ class PruneNMConfig:
         "smollm2-135m", help="local Hugging Face directory, hub id, or the embedded default 'smollm2-135m'"
     )
     method: str = option(
-        "loraprune", help="loraprune (LoRA-guided element importance while LoRA trains, needs --steps) or a "
-        "one-shot baseline: wanda, sparsegpt, magnitude", choices=NM_METHODS,
+        "loraprune",
+        help="loraprune (LoRA-guided element importance while LoRA trains, needs --steps) or a "
+        "one-shot baseline: wanda, sparsegpt, magnitude",
+        choices=NM_METHODS,
     )
     pattern: str = option("2:4", help="keep N of every M consecutive input weights of each projection row")
     layers: str = option("all", help="decoder layers whose attention+MLP projections get the pattern ('all', '4-27')")
     calibration_data: str = option(
-        "wikitext2", help="text for calibration (wanda, sparsegpt) and LoRA training: corpus name or text file",
+        "wikitext2",
+        help="text for calibration (wanda, sparsegpt) and LoRA training: corpus name or text file",
         aliases=("--data",),
     )
     calibration_samples: int = option(128, help="calibration windows for wanda and sparsegpt")
     seq_len: int = option(128, help="tokens per calibration / training window")
     steps: int = option(
-        0, help="LoRA training steps: loraprune prunes during them; the one-shot methods fine-tune after pruning "
-        "under their fixed mask (recovery; 0 = none)"
+        0,
+        help="LoRA training steps: loraprune prunes during them; the one-shot methods fine-tune after pruning "
+        "under their fixed mask (recovery; 0 = none)",
     )
     lora_rank: int = option(8, help="rank of the LoRA adapter (all seven projections)")
     lora_alpha: float | None = option(None, help="LoRA alpha (default: the rank, i.e. scaling 1)")
@@ -55,15 +59,21 @@ class PruneNMConfig:
         check(self.method in NM_METHODS, f"method must be one of {', '.join(NM_METHODS)}, got {self.method!r}")
         pattern = NMPattern.parse(self.pattern)
         block = self.sparsegpt_block_size
-        check(self.method != "sparsegpt" or (block >= 1 and block % pattern.m == 0),
-              f"sparsegpt-block-size must be a positive multiple of M={pattern.m}, got {block}")
+        check(
+            self.method != "sparsegpt" or (block >= 1 and block % pattern.m == 0),
+            f"sparsegpt-block-size must be a positive multiple of M={pattern.m}, got {block}",
+        )
         check(self.calibration_samples >= 1, "calibration samples must be >= 1")
         check(self.seq_len >= 2 and self.eval_seq_len >= 2, "sequence lengths must be >= 2")
-        check(self.eval_max_tokens is None or self.eval_max_tokens >= self.eval_seq_len,
-              "eval-max-tokens must be at least one window (eval-seq-len)")
+        check(
+            self.eval_max_tokens is None or self.eval_max_tokens >= self.eval_seq_len,
+            "eval-max-tokens must be at least one window (eval-seq-len)",
+        )
         check(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
-        check(self.steps >= 1 or self.method != "loraprune",
-              "loraprune prunes while LoRA trains: give the number of training steps (--steps N, e.g. 200)")
+        check(
+            self.steps >= 1 or self.method != "loraprune",
+            "loraprune prunes while LoRA trains: give the number of training steps (--steps N, e.g. 200)",
+        )
         check(self.lora_rank >= 1 and self.batch_size >= 1, "lora-rank and batch-size must be >= 1")
         check(self.learning_rate > 0, f"learning-rate must be > 0, got {self.learning_rate}")
         check(self.sparsegpt_damp > 0, f"sparsegpt-damp must be > 0, got {self.sparsegpt_damp}")

@@ -40,15 +40,20 @@ def to_semi_structured(model: nn.Module, modules: list[str], backend: str = "aut
         to_sparse_semi_structured,
     )
 
-    convert = {"auto": to_sparse_semi_structured, "cusparselt": SparseSemiStructuredTensorCUSPARSELT.from_dense,
-               "cutlass": SparseSemiStructuredTensorCUTLASS.from_dense}[backend]
+    convert = {
+        "auto": to_sparse_semi_structured,
+        "cusparselt": SparseSemiStructuredTensorCUSPARSELT.from_dense,
+        "cutlass": SparseSemiStructuredTensorCUTLASS.from_dense,
+    }[backend]
 
     linears = {name: base_linear(model, name) for name in modules}
     for name, linear in linears.items():
         weight = linear.weight
         if weight.device.type != "cuda" or weight.dtype not in (torch.float16, torch.bfloat16):
-            raise LoraPruneError(f"{name}'s weight is {weight.dtype} on {weight.device}; move the model to CUDA "
-                                 "in float16 or bfloat16 first")
+            raise LoraPruneError(
+                f"{name}'s weight is {weight.dtype} on {weight.device}; move the model to CUDA "
+                "in float16 or bfloat16 first"
+            )
         if pattern_violations(weight, TWO_FOUR):
             raise LoraPruneError(f"{name}'s weight does not hold the 2:4 pattern")
     backend = ""

@@ -117,9 +117,14 @@ def _run_layer(layer: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple
 
 
 @torch.no_grad()
-def prune_layer_by_layer(model: nn.Module, batches: torch.Tensor, modules: list[str],
-                         statistic: type[InputStatistic], prune: LinearPruner,
-                         batch_size: int = 8) -> dict[str, torch.Tensor]:
+def prune_layer_by_layer(
+    model: nn.Module,
+    batches: torch.Tensor,
+    modules: list[str],
+    statistic: type[InputStatistic],
+    prune: LinearPruner,
+    batch_size: int = 8,
+) -> dict[str, torch.Tensor]:
     """Prune the linears `modules` decoder layer by decoder layer on the calibration windows `batches`.
 
     Returns the keep-mask of every pruned module. The model is left in eval mode with its
@@ -138,8 +143,10 @@ def prune_layer_by_layer(model: nn.Module, batches: torch.Tensor, modules: list[
         targets = [name for name in modules if id(root.get_submodule(name)) in owned]
         if targets:
             stats = {name: statistic(linears[name].in_features, linears[name].weight.device) for name in targets}
-            handles = [linears[name].register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add(args[0]))
-                       for name in targets]
+            handles = [
+                linears[name].register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add(args[0]))
+                for name in targets
+            ]
             try:
                 _run_layer(layer, inputs)
             finally:

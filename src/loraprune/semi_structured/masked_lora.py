@@ -33,12 +33,16 @@ def masked_lora_layer(model: nn.Module, name: str, adapter: str) -> LoraLayer:
     """The LoRA layer at `name`, checked to be one whose merged weight the masked forward reproduces."""
     layer = lora_layer(model, name, adapter)
     if layer is None:
-        raise LoraPruneError(f"{name} has no LoRA adapter {adapter!r}: N:M training masks the merged weight "
-                             "W0 + s·B·A, so every masked projection needs LoRA (loraprune.lora.add_lora's default "
-                             "target modules cover all seven)")
+        raise LoraPruneError(
+            f"{name} has no LoRA adapter {adapter!r}: N:M training masks the merged weight "
+            "W0 + s·B·A, so every masked projection needs LoRA (loraprune.lora.add_lora's default "
+            "target modules cover all seven)"
+        )
     if not isinstance(layer.lora_dropout[adapter], nn.Identity):
-        raise LoraPruneError(f"{name} uses LoRA dropout, which the masked merged weight cannot reproduce; create "
-                             "the adapter with dropout 0")
+        raise LoraPruneError(
+            f"{name} uses LoRA dropout, which the masked merged weight cannot reproduce; create "
+            "the adapter with dropout 0"
+        )
     if layer.merged:
         raise LoraPruneError(f"{name} has its adapter merged already; N:M training needs it unmerged")
     if getattr(layer, "fan_in_fan_out", False):
@@ -54,8 +58,9 @@ def masked_merged_weight(layer: LoraLayer, keep: torch.Tensor, adapter: str) -> 
     return torch.where(keep, merged, 0.0)
 
 
-def _forward(layer: LoraLayer, adapter: str, masks: dict[str, torch.Tensor], name: str,
-             x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _forward(
+    layer: LoraLayer, adapter: str, masks: dict[str, torch.Tensor], name: str, x: torch.Tensor, *args, **kwargs
+) -> torch.Tensor:
     base = layer.get_base_layer()
     weight = masked_merged_weight(layer, masks[name], adapter)
     return F.linear(x.to(weight.dtype), weight, base.bias).to(x.dtype)
@@ -83,8 +88,9 @@ class MaskedMergedForward:
         for name, keep in masks.items():
             weight = self.layers[name].get_base_layer().weight
             if keep.shape != weight.shape:
-                raise LoraPruneError(f"the mask of {name} has shape {tuple(keep.shape)}, its weight "
-                                     f"{tuple(weight.shape)}")
+                raise LoraPruneError(
+                    f"the mask of {name} has shape {tuple(keep.shape)}, its weight {tuple(weight.shape)}"
+                )
             self.masks[name] = keep.to(device=weight.device, dtype=torch.bool)
 
     def remove(self) -> None:
@@ -108,8 +114,9 @@ def merge_masked(model: PeftModel, masks: dict[str, torch.Tensor], adapter: str 
     """
     for name, keep in masks.items():
         layer = masked_lora_layer(model, name, adapter)
-        layer.get_base_layer().weight.copy_(masked_merged_weight(layer, keep.to(layer.get_base_layer().weight.device),
-                                                                  adapter))
+        layer.get_base_layer().weight.copy_(
+            masked_merged_weight(layer, keep.to(layer.get_base_layer().weight.device), adapter)
+        )
         if "forward" in vars(layer):
             del layer.forward
     for name, module in unwrap_model(model).named_modules():

@@ -38,16 +38,26 @@ def _apply(linear: nn.Linear, weight: torch.Tensor, keep: torch.Tensor) -> torch
     return keep
 
 
-def prune_one_shot(model: nn.Module, method: str, pattern: NMPattern, modules: list[str],
-                   batches: torch.Tensor | None = None, *, batch_size: int = 8, block_size: int = 128,
-                   damp: float = 0.01) -> dict[str, torch.Tensor]:
+def prune_one_shot(
+    model: nn.Module,
+    method: str,
+    pattern: NMPattern,
+    modules: list[str],
+    batches: torch.Tensor | None = None,
+    *,
+    batch_size: int = 8,
+    block_size: int = 128,
+    damp: float = 0.01,
+) -> dict[str, torch.Tensor]:
     """Prune `modules` of `model` to `pattern` with `method` (one of `ONE_SHOT_METHODS`); returns the keep-masks.
 
     Wanda and SparseGPT read the calibration windows `batches` (token ids `[n, seq_len]`),
     processed `batch_size` at a time; `block_size` and `damp` are SparseGPT's.
     """
-    check(method in ONE_SHOT_METHODS, f"unknown one-shot N:M method {method!r}; choose one of "
-                                      f"{', '.join(ONE_SHOT_METHODS)}")
+    check(
+        method in ONE_SHOT_METHODS,
+        f"unknown one-shot N:M method {method!r}; choose one of {', '.join(ONE_SHOT_METHODS)}",
+    )
     if method == "magnitude":
         masks = {}
         for name in modules:

@@ -28,8 +28,10 @@ class NMPattern:
     m: int
 
     def __post_init__(self) -> None:
-        check(self.m >= 2 and 1 <= self.n < self.m,
-              f"an N:M pattern needs 1 <= N < M (e.g. 2:4 or 4:8), got {self.n}:{self.m}")
+        check(
+            self.m >= 2 and 1 <= self.n < self.m,
+            f"an N:M pattern needs 1 <= N < M (e.g. 2:4 or 4:8), got {self.n}:{self.m}",
+        )
 
     @classmethod
     def parse(cls, text: str) -> NMPattern:
@@ -50,8 +52,10 @@ class NMPattern:
     def check_width(self, in_features: int, name: str) -> None:
         """Raise unless the input width splits into whole groups of `m`."""
         if in_features % self.m:
-            raise ConfigError(f"{name} has {in_features} input features, not a multiple of M={self.m}: the "
-                              f"{self} pattern needs whole groups of {self.m} consecutive inputs")
+            raise ConfigError(
+                f"{name} has {in_features} input features, not a multiple of M={self.m}: the "
+                f"{self} pattern needs whole groups of {self.m} consecutive inputs"
+            )
 
 
 def _groups(tensor: torch.Tensor, m: int) -> torch.Tensor:

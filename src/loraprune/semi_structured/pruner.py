@@ -59,8 +59,15 @@ logger = logging.getLogger(__name__)
 class NMPruner:
     """LoRAPrune N:M state and steps for one training run of `total_steps` optimizer steps."""
 
-    def __init__(self, model: nn.Module, total_steps: int, pattern: NMPattern,
-                 config: LoRAPruneConfig | None = None, layers: str = "all", adapter: str = "default") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        total_steps: int,
+        pattern: NMPattern,
+        config: LoRAPruneConfig | None = None,
+        layers: str = "all",
+        adapter: str = "default",
+    ) -> None:
         self.model = model
         self.pattern = pattern
         self.config = config or LoRAPruneConfig()
@@ -102,13 +109,21 @@ class NMPruner:
             if lora_a.grad is None or lora_b.grad is None:
                 raise LoraPruneError(f"{name}'s LoRA weights have no gradient: call observe() after backward()")
             importance = element_importance(
-                dequantize_module_weight(layer.get_base_layer()), lora_a, lora_b, layer.scaling[self.adapter],
-                lora_a.grad.float() / loss_scale, lora_b.grad.float() / loss_scale, self.config.second_order,
+                dequantize_module_weight(layer.get_base_layer()),
+                lora_a,
+                lora_b,
+                layer.scaling[self.adapter],
+                lora_a.grad.float() / loss_scale,
+                lora_b.grad.float() / loss_scale,
+                self.config.second_order,
             )
             if not bool(torch.isfinite(importance).all()):
                 self.skipped_steps += 1
-                logger.warning("LoRAPrune N:M: non-finite importance in %s at step %d; this step's scores are "
-                               "skipped", name, self.step + 1)
+                logger.warning(
+                    "LoRAPrune N:M: non-finite importance in %s at step %d; this step's scores are skipped",
+                    name,
+                    self.step + 1,
+                )
                 return False
             new[name] = importance
         decay = self.config.ema
@@ -138,13 +153,18 @@ class NMPruner:
             logger.warning("LoRAPrune N:M: no finite scores yet at step %d; pruning postponed", self.step)
             return None
         keep = self.pattern.m - target
-        masks = {name: nm_mask(self.scores[name], self.pattern.m, keep, allowed=self.masks[name])
-                 for name in self.modules}
+        masks = {
+            name: nm_mask(self.scores[name], self.pattern.m, keep, allowed=self.masks[name]) for name in self.modules
+        }
         self.masks = masks
         self.forward.update(masks)
         self.removed_per_group = target
-        event = {"step": self.step, "pattern": str(self.current), "observations": self.observations,
-                 "schedule_fraction": self.schedule.fraction(self.step)}
+        event = {
+            "step": self.step,
+            "pattern": str(self.current),
+            "observations": self.observations,
+            "schedule_fraction": self.schedule.fraction(self.step),
+        }
         self.history.append(event)
         logger.info("LoRAPrune N:M step %d: %s in force", self.step, event["pattern"])
         if self.finished:
@@ -154,11 +174,16 @@ class NMPruner:
     def finish(self) -> nn.Module:
         """Merge `mask ⊙ (W0 + s·B·A)` into the base weights and return the plain model (adapter removed)."""
         if not self.finished:
-            logger.warning("LoRAPrune N:M: finishing before the %s pattern was reached (%s in force)",
-                           self.pattern, self.current)
+            logger.warning(
+                "LoRAPrune N:M: finishing before the %s pattern was reached (%s in force)", self.pattern, self.current
+            )
         self.forward.remove()
         return merge_masked(self.model, self.masks, self.adapter)
 
     def summary(self) -> dict[str, Any]:
-        return {"events": list(self.history), "observations": self.observations,
-                "skipped_steps": self.skipped_steps, "reached_target": self.finished}
+        return {
+            "events": list(self.history),
+            "observations": self.observations,
+            "skipped_steps": self.skipped_steps,
+            "reached_target": self.finished,
+        }

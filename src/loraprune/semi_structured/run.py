@@ -24,9 +24,14 @@ from loraprune.semi_structured.pruner import NMPruner
 from loraprune.semi_structured.targets import base_linear
 
 
-def loraprune_nm(model: PreTrainedModel, windows: list[dict[str, torch.Tensor]], settings: LoraSettings,
-                 pattern: NMPattern, config: LoRAPruneConfig,
-                 layers: str = "all") -> tuple[nn.Module, LoraRun, NMPruner]:
+def loraprune_nm(
+    model: PreTrainedModel,
+    windows: list[dict[str, torch.Tensor]],
+    settings: LoraSettings,
+    pattern: NMPattern,
+    config: LoRAPruneConfig,
+    layers: str = "all",
+) -> tuple[nn.Module, LoraRun, NMPruner]:
     """LoRA training with LoRAPrune N:M; returns the merged N:M model, the run and the pruner."""
     callback = NMPruneCallback(pattern, config, layers)
     run = train_lora(model, windows, settings, callbacks=(callback,))
@@ -35,8 +40,12 @@ def loraprune_nm(model: PreTrainedModel, windows: list[dict[str, torch.Tensor]],
     return pruner.finish(), run, pruner
 
 
-def masked_recovery(model: PreTrainedModel, masks: dict[str, torch.Tensor], windows: list[dict[str, torch.Tensor]],
-                    settings: LoraSettings) -> tuple[nn.Module, LoraRun]:
+def masked_recovery(
+    model: PreTrainedModel,
+    masks: dict[str, torch.Tensor],
+    windows: list[dict[str, torch.Tensor]],
+    settings: LoraSettings,
+) -> tuple[nn.Module, LoraRun]:
     """LoRA training of an N:M-pruned model under its fixed masks; returns the merged model and the run."""
     callback = FixedMaskCallback(masks)
     run = train_lora(model, windows, settings, callbacks=(callback,))
@@ -54,8 +63,15 @@ def nm_summary(model: nn.Module, modules: list[str], pattern: NMPattern) -> dict
         zeros += weight.numel() - int(counts.sum())
         violating += int((counts > pattern.n).sum())
         groups += counts.numel()
-    return {"pattern": str(pattern), "modules": len(modules), "weights": weights, "zeros": zeros,
-            "sparsity": zeros / weights if weights else 0.0, "groups": groups, "violating_groups": violating}
+    return {
+        "pattern": str(pattern),
+        "modules": len(modules),
+        "weights": weights,
+        "zeros": zeros,
+        "sparsity": zeros / weights if weights else 0.0,
+        "groups": groups,
+        "violating_groups": violating,
+    }
 
 
 def require_pattern(summary: dict[str, Any]) -> None:

@@ -43,8 +43,9 @@ def damped_inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.T
 
 
 @torch.no_grad()
-def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: NMPattern, block_size: int = 128,
-                    damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def sparsegpt_prune(
+    weight: torch.Tensor, hessian: torch.Tensor, pattern: NMPattern, block_size: int = 128, damp: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The N:M-pruned, compensated weight (dtype of the computation) and its keep-mask.
 
     `weight` is `out × in`, `hessian` `in × in` (e.g. `InputHessian.hessian()`). The

@@ -21,8 +21,10 @@ def base_linear(model: nn.Module, name: str) -> nn.Linear:
     module = unwrap_model(model).get_submodule(name)
     linear = module.get_base_layer() if hasattr(module, "get_base_layer") else module
     if not isinstance(linear, nn.Linear):
-        raise LoraPruneError(f"{name} is a {type(linear).__name__}, not a torch.nn.Linear; N:M masks need "
-                             "plain (unquantised) linear weights")
+        raise LoraPruneError(
+            f"{name} is a {type(linear).__name__}, not a torch.nn.Linear; N:M masks need "
+            "plain (unquantised) linear weights"
+        )
     return linear
 
 

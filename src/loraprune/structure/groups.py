@@ -83,9 +83,7 @@ def full_masks(families: list[GroupFamily]) -> Masks:
 
 def removed_params(families: list[GroupFamily], masks: Masks, kind: Kind | None = None) -> int:
     """Parameters removed by `masks` (of one kind, or of both)."""
-    return sum(
-        int((~masks[f.key]).sum()) * f.params_per_unit for f in families if kind is None or f.kind == kind
-    )
+    return sum(int((~masks[f.key]).sum()) * f.params_per_unit for f in families if kind is None or f.kind == kind)
 
 
 def total_params(families: list[GroupFamily], kind: Kind | None = None) -> int:

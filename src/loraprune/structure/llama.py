@@ -66,8 +66,7 @@ class LlamaFamilyAdapter(ArchitectureAdapter):
             families.append(self._mlp_family(index, layer, sizes))
         return families
 
-    def _attention_family(self, index: int, layer: nn.Module, sizes: LayerSizes,
-                          unit: AttentionUnit) -> GroupFamily:
+    def _attention_family(self, index: int, layer: nn.Module, sizes: LayerSizes, unit: AttentionUnit) -> GroupFamily:
         attn = layer.self_attn
         d = attn.head_dim
         per_kv = sizes.num_attention_heads // sizes.num_key_value_heads
@@ -95,7 +94,12 @@ class LlamaFamilyAdapter(ArchitectureAdapter):
         matrices = rows + cols
         params = sum(m.block * _linear_params(_get(layer, m.module, index), m.dim) for m in matrices)
         return GroupFamily(
-            layer=index, kind="attention", unit=unit, count=count, matrices=matrices, params_per_unit=params,
+            layer=index,
+            kind="attention",
+            unit=unit,
+            count=count,
+            matrices=matrices,
+            params_per_unit=params,
             units_per_kv=per_kv if unit == "query_head" else 0,
         )
 
@@ -108,7 +112,11 @@ class LlamaFamilyAdapter(ArchitectureAdapter):
         )
         params = sum(_linear_params(_get(layer, m.module, index), m.dim) for m in matrices)
         return GroupFamily(
-            layer=index, kind="mlp", unit="channel", count=sizes.intermediate_size, matrices=matrices,
+            layer=index,
+            kind="mlp",
+            unit="channel",
+            count=sizes.intermediate_size,
+            matrices=matrices,
             params_per_unit=params,
         )
 

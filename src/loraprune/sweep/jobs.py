@@ -108,8 +108,10 @@ def check_model_job(configs: dict[str, Any], metrics: tuple[str, ...]) -> None:
     method = configs["run"].method
     check(method in METHODS, f"run.method {method!r} is not one of {', '.join(METHODS)}")
     for metric in metrics:
-        check(not metric.startswith("perplexity") or configs["run"].eval_data is not None,
-              f"metric {metric} needs run.eval_data (e.g. wikitext2) in the fixed settings")
+        check(
+            not metric.startswith("perplexity") or configs["run"].eval_data is not None,
+            f"metric {metric} needs run.eval_data (e.g. wikitext2) in the fixed settings",
+        )
 
 
 MODEL_JOB = JobKind(
@@ -149,8 +151,9 @@ def _rank_from_removed_fraction(fraction: float, section: Mapping[str, Any]) -> 
     check(0 < fraction < 1, f"removed_fraction must be in (0, 1), got {fraction}")
     rank = section["r0"] * (1 - fraction)
     if not math.isclose(rank, round(rank), abs_tol=1e-9):
-        raise ConfigError(f"removed_fraction {fraction} of r0={section['r0']} leaves {rank:g} components, "
-                          "not a whole number")
+        raise ConfigError(
+            f"removed_fraction {fraction} of r0={section['r0']} leaves {rank:g} components, not a whole number"
+        )
     return round(rank)
 
 
@@ -201,8 +204,12 @@ ADAPTER_JOB = JobKind(
     name="adapter",
     description="Fine-tune an adapter and prune its rank (loraprune.rank_pruning.api.prune_adapter), then its "
     "answer-token NLL",
-    sections={"run": AdapterRunConfig, "rank_pruning": RankPruningConfig, "training": TrainingConfig,
-              "eval": SFTEvalConfig},
+    sections={
+        "run": AdapterRunConfig,
+        "rank_pruning": RankPruningConfig,
+        "training": TrainingConfig,
+        "eval": SFTEvalConfig,
+    },
     managed=MANAGED,
     metrics=ADAPTER_METRICS,
     default_metrics=("test_nll",),

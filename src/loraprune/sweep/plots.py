@@ -19,9 +19,12 @@ PLOT_PREFIX = "vs_"
 
 def numeric_axes(axes: dict[str, list[Any]]) -> list[str]:
     """Axes whose values are all numbers (not booleans), with at least two different values."""
-    return [axis for axis, values in axes.items()
-            if len(set(map(str, values))) >= 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)]
+    return [
+        axis
+        for axis, values in axes.items()
+        if len(set(map(str, values))) >= 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    ]
 
 
 def plot_sweep(results: dict[str, Any], output: Path) -> list[Path]:
@@ -59,8 +62,9 @@ def _plot_axis(results: dict[str, Any], done: list[dict[str, Any]], axis: str, p
     figure, panels = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics) + 1, 3.8), squeeze=False)
     for panel, metric in zip(panels[0], metrics):
         for label, records in lines.items():
-            points = sorted((r["settings"][axis], r["metrics"][metric]) for r in records
-                            if r["metrics"].get(metric) is not None)
+            points = sorted(
+                (r["settings"][axis], r["metrics"][metric]) for r in records if r["metrics"].get(metric) is not None
+            )
             if points:
                 xs, ys = zip(*points)
                 panel.plot(xs, ys, marker="o", label=label or None)

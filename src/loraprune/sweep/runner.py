@@ -50,8 +50,14 @@ class SweepOutcome:
     files: list[Path]
 
 
-def run_sweep(spec: SweepSpec, *, fresh: bool = False, job: JobRunner | None = None, command: str | None = None,
-              progress: bool = True) -> SweepOutcome:
+def run_sweep(
+    spec: SweepSpec,
+    *,
+    fresh: bool = False,
+    job: JobRunner | None = None,
+    command: str | None = None,
+    progress: bool = True,
+) -> SweepOutcome:
     """Run the points of `spec` that have no result yet; write sweep.json, sweep.md and the plots.
 
     `fresh` discards earlier results in the output directory; `job` replaces the job kind's runner
@@ -67,8 +73,13 @@ def run_sweep(spec: SweepSpec, *, fresh: bool = False, job: JobRunner | None = N
     failed: list[str] = []
     write_json(spec.output / RESULTS_FILE, results_payload(spec, records, command))
     try:
-        with tqdm(total=len(spec.points), initial=len(spec.points) - len(todo), desc=f"sweep {spec.name}",
-                  unit="point", disable=not progress) as bar:
+        with tqdm(
+            total=len(spec.points),
+            initial=len(spec.points) - len(todo),
+            desc=f"sweep {spec.name}",
+            unit="point",
+            disable=not progress,
+        ) as bar:
             for point in todo:
                 bar.set_postfix_str(point.id)
                 records[point.id] = run_point(spec, point, run)
@@ -93,15 +104,28 @@ def write_reports(results: dict[str, Any], output: Path) -> list[Path]:
 
 def new_record(spec: SweepSpec, point: Point) -> dict[str, Any]:
     """The record of a point that has not run: its settings and full configuration."""
-    return {"id": point.id, "index": point.index, "settings": jsonable(point.settings), "status": "pending",
-            "metrics": None, "error": None, "seconds": None, "config": point.config_dict(spec.job)}
+    return {
+        "id": point.id,
+        "index": point.index,
+        "settings": jsonable(point.settings),
+        "status": "pending",
+        "metrics": None,
+        "error": None,
+        "seconds": None,
+        "config": point.config_dict(spec.job),
+    }
 
 
 def run_point(spec: SweepSpec, point: Point, run: JobRunner) -> dict[str, Any]:
     """Run one point; an exception of the job becomes a `failed` record (KeyboardInterrupt stops the sweep)."""
     record = new_record(spec, point)
-    logger.info("point %d/%d (%s): %s", point.index + 1, len(spec.points), point.id,
-                ", ".join(f"{k}={v}" for k, v in point.settings.items()))
+    logger.info(
+        "point %d/%d (%s): %s",
+        point.index + 1,
+        len(spec.points),
+        point.id,
+        ", ".join(f"{k}={v}" for k, v in point.settings.items()),
+    )
     started = time.perf_counter()
     try:
         with point_output(spec, point) as output:
@@ -152,12 +176,18 @@ def reusable_records(spec: SweepSpec) -> dict[str, dict[str, Any]]:
     reused = {}
     for point_id, old in finished.items():
         record = new_record(spec, points[point_id])
-        changed = sorted(f"{section}.{name}" for section, values in record["config"].items()
-                         for name, value in values.items()
-                         if old["config"].get(section, {}).get(name, value) != value)
+        changed = sorted(
+            f"{section}.{name}"
+            for section, values in record["config"].items()
+            for name, value in values.items()
+            if old["config"].get(section, {}).get(name, value) != value
+        )
         if changed:
-            logger.warning("point %s ran with other defaults (%s); its result is reused (--fresh reruns everything)",
-                           point_id, ", ".join(changed))
+            logger.warning(
+                "point %s ran with other defaults (%s); its result is reused (--fresh reruns everything)",
+                point_id,
+                ", ".join(changed),
+            )
         record.update(status="ok", metrics=old["metrics"], seconds=old["seconds"])
         reused[point_id] = record
     return reused
@@ -186,8 +216,11 @@ def results_payload(spec: SweepSpec, records: dict[str, dict[str, Any]], command
     """The content of sweep.json: the spec, its axes and metrics, and every point in grid order."""
     points = [records[point.id] for point in spec.points]
     counts = Counter(record["status"] for record in points)
-    derived = {f"{section}.{name}": f"{section}.{d.target}"
-               for section, settings in spec.job.derived.items() for name, d in settings.items()}
+    derived = {
+        f"{section}.{name}": f"{section}.{d.target}"
+        for section, settings in spec.job.derived.items()
+        for name, d in settings.items()
+    }
     return {
         "format": FORMAT,
         "name": spec.name,
@@ -201,8 +234,12 @@ def results_payload(spec: SweepSpec, records: dict[str, dict[str, Any]], command
         "derived": {axis: target for axis, target in derived.items() if axis in spec.axes},
         "metrics": list(spec.metrics),
         "metric_help": {metric: spec.job.metrics[metric] for metric in spec.metrics},
-        "summary": {"points": len(points), "ok": counts["ok"], "failed": counts["failed"],
-                    "pending": counts["pending"]},
+        "summary": {
+            "points": len(points),
+            "ok": counts["ok"],
+            "failed": counts["failed"],
+            "pending": counts["pending"],
+        },
         "environment": environment(),
         "points": points,
     }

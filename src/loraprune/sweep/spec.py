@@ -61,10 +61,12 @@ class Point:
 
     def config_dict(self, job: JobKind) -> dict[str, dict[str, Any]]:
         """Every field of every config (defaults included), JSON-ready, without the fields the sweep sets."""
-        return jsonable({
-            section: {k: v for k, v in dataclasses.asdict(config).items() if k not in job.managed.get(section, {})}
-            for section, config in self.configs.items()
-        })
+        return jsonable(
+            {
+                section: {k: v for k, v in dataclasses.asdict(config).items() if k not in job.managed.get(section, {})}
+                for section, config in self.configs.items()
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,10 @@ def parse_spec(source: Any, *, path: Path | None = None, output: str | Path | No
         raise ConfigError(f"{where} must be a mapping with the keys {', '.join(SPEC_KEYS)}")
     for key in source:
         if key not in SPEC_KEYS:
-            raise ConfigError(f"{where}: unknown key {key!r}{_suggest(str(key), SPEC_KEYS)}; the keys are:\n"
-                              + "\n".join(f"  {k}: {h}" for k, h in SPEC_KEYS.items()))
+            raise ConfigError(
+                f"{where}: unknown key {key!r}{_suggest(str(key), SPEC_KEYS)}; the keys are:\n"
+                + "\n".join(f"  {k}: {h}" for k, h in SPEC_KEYS.items())
+            )
     job_name = source.get("job")
     if not isinstance(job_name, str) or job_name not in JOBS:
         raise ConfigError(f"{where}: 'job' must be one of {', '.join(JOBS)}, got {job_name!r}")
@@ -136,9 +140,18 @@ def parse_spec(source: Any, *, path: Path | None = None, output: str | Path | No
             label = ", ".join(f"{k}={v!r}" for k, v in settings.items()) or "the fixed settings"
             raise ConfigError(f"grid point {label}: {error}") from error
         points.append(Point(index, point_id(job, explicit), settings, configs))
-    return SweepSpec(name=name, job=job, output=Path(output or source.get("output") or Path("sweeps") / name),
-                     fixed=fixed, axes=axes, metrics=metrics, keep_outputs=keep_outputs, source=source,
-                     path=path, points=points)
+    return SweepSpec(
+        name=name,
+        job=job,
+        output=Path(output or source.get("output") or Path("sweeps") / name),
+        fixed=fixed,
+        axes=axes,
+        metrics=metrics,
+        keep_outputs=keep_outputs,
+        source=source,
+        path=path,
+        points=points,
+    )
 
 
 def point_id(job: JobKind, explicit: Mapping[str, Any]) -> str:
@@ -170,8 +183,10 @@ def build_configs(job: JobKind, explicit: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _defaults(cls: type) -> dict[str, Any]:
-    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            for f in dataclasses.fields(cls)}
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(cls)
+    }
 
 
 def _suggest(word: str, choices: typing.Iterable[str]) -> str:
@@ -215,8 +230,10 @@ def _parse_metrics(job: JobKind, metrics: Any) -> tuple[str, ...]:
         raise ConfigError("'metrics' must be a non-empty list of metric names")
     for metric in metrics:
         if metric not in job.metrics:
-            raise ConfigError(f"unknown metric {metric!r}{_suggest(str(metric), job.metrics)} for {job.name} jobs; "
-                              "they report:\n" + "\n".join(f"  {k}: {h}" for k, h in job.metrics.items()))
+            raise ConfigError(
+                f"unknown metric {metric!r}{_suggest(str(metric), job.metrics)} for {job.name} jobs; "
+                "they report:\n" + "\n".join(f"  {k}: {h}" for k, h in job.metrics.items())
+            )
     return tuple(metrics)
 
 
@@ -224,20 +241,23 @@ def _coerce(job: JobKind, key: str, value: Any) -> Any:
     """Check that `key` names a setting of `job` and that `value` fits its type and choices."""
     section, _, name = key.partition(".")
     if section not in job.sections:
-        raise ConfigError(f"unknown section {section!r} in {key!r}{_suggest(section, job.sections)}; {job.name} jobs "
-                          f"have: {', '.join(job.sections)}")
+        raise ConfigError(
+            f"unknown section {section!r} in {key!r}{_suggest(section, job.sections)}; {job.name} jobs "
+            f"have: {', '.join(job.sections)}"
+        )
     cls = job.sections[section]
     derived: Mapping[str, Derived] = job.derived.get(section, {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if name in job.managed.get(section, {}):
-        raise ConfigError(f"{key} is set by the sweep (each point writes its own output; keep_outputs: true keeps "
-                          "them under OUTPUT/points/ID)")
+        raise ConfigError(
+            f"{key} is set by the sweep (each point writes its own output; keep_outputs: true keeps "
+            "them under OUTPUT/points/ID)"
+        )
     if name in derived:
         return _coerce_value(value, float, None, key)
     if name not in fields:
         known = [n for n in fields if n not in job.managed.get(section, {})] + list(derived)
-        raise ConfigError(f"unknown setting {key!r}{_suggest(name, known)}; {section} settings are: "
-                          f"{', '.join(known)}")
+        raise ConfigError(f"unknown setting {key!r}{_suggest(name, known)}; {section} settings are: {', '.join(known)}")
     hint = typing.get_type_hints(cls)[name]
     return _coerce_value(value, hint, fields[name].metadata.get("choices"), key)
 

@@ -52,18 +52,32 @@ def render_markdown(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
         status += f", {summary['pending']} not run yet"
     lines += [status + ".", ""]
     fixed = ", ".join(f"`{key}={value}`" for key, value in results["fixed"].items()) or "none"
-    lines += [f"Fixed settings: {fixed}. Every other setting is the default of the job's configs; the full "
-              "settings of every point are in sweep.json.", ""]
-    columns = ["#", "id", *axes, *(f"{derived[a]} (derived)" for a in axes if a in derived), *metrics, "status",
-               "seconds"]
+    lines += [
+        f"Fixed settings: {fixed}. Every other setting is the default of the job's configs; the full "
+        "settings of every point are in sweep.json.",
+        "",
+    ]
+    columns = [
+        "#",
+        "id",
+        *axes,
+        *(f"{derived[a]} (derived)" for a in axes if a in derived),
+        *metrics,
+        "status",
+        "seconds",
+    ]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for record in results["points"]:
         metric_values = record["metrics"] or {}
-        cells = [str(record["index"] + 1), f"`{record['id']}`",
-                 *(format_cell(record["settings"][axis]) for axis in axes),
-                 *(format_cell(_config_value(record, derived[a])) for a in axes if a in derived),
-                 *(format_cell(metric_values.get(metric)) for metric in metrics),
-                 _status(record), format_cell(record["seconds"])]
+        cells = [
+            str(record["index"] + 1),
+            f"`{record['id']}`",
+            *(format_cell(record["settings"][axis]) for axis in axes),
+            *(format_cell(_config_value(record, derived[a])) for a in axes if a in derived),
+            *(format_cell(metric_values.get(metric)) for metric in metrics),
+            _status(record),
+            format_cell(record["seconds"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *(f"- {metric}: {text}" for metric, text in results["metric_help"].items()), ""]
     lines += [f"![{name}]({name})" for name in plots]
