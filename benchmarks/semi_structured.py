@@ -20,9 +20,12 @@ projection weights converted with `torch.sparse.to_sparse_semi_structured`, agai
 weights in dense storage: forward latency, interleaved repeats, median, per batch size, and the
 largest logit difference between the two.
 
-Full run (the settings of benchmarks/results/semi_structured.*):
+Full run:
 
     nice python benchmarks/semi_structured.py --steps 40 --eval-max-tokens 16384
+
+The committed benchmarks/results/semi_structured.* were run at reduced CPU settings (their
+`command` field): `--steps 20 --eval-max-tokens 8192 --calibration-samples 32 --threads 1`.
 """
 
 from __future__ import annotations
