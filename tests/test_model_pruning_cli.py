@@ -11,8 +11,10 @@ import torch
 from loraprune.api import prune_model
 from loraprune.cli import main
 from loraprune.config import PruneModelConfig
+from loraprune.errors import ConfigError
 from loraprune.model_pruning import LoRAPruneConfig
 from loraprune.models import load_model
+from loraprune.semi_structured.config import PruneNMConfig
 
 
 @pytest.fixture
@@ -184,3 +186,23 @@ def test_the_documented_loraprune_command_line(tiny_model_dir, text_file, tmp_pa
     assert report["sparsity_decoder"] == pytest.approx(0.25, abs=0.01)
     assert str(text_file) in json.dumps(report)  # --data is the training text
     load_model(str(out))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"output": ""}, "output directory is required"),
+        ({"calibration_samples": 0}, "calibration samples"),
+        ({"seq_len": 1}, "sequence lengths"),
+        ({"eval_seq_len": 64, "eval_max_tokens": 32}, "at least one window"),
+        ({"steps": -1}, "steps must be >= 0"),
+        ({"method": "loraprune", "steps": 0}, "give the number of training steps"),
+        ({"lora_rank": 0}, "lora-rank and batch-size"),
+        ({"learning_rate": 0.0}, "learning-rate must be > 0"),
+    ],
+)
+@pytest.mark.parametrize("config_class", [PruneModelConfig, PruneNMConfig])
+def test_prune_model_and_prune_nm_reject_the_same_bad_settings(config_class, settings, message):
+    arguments = {"output": "out", "method": "loraprune", "steps": 5, **settings}
+    with pytest.raises(ConfigError, match=message):
+        config_class(**arguments)

@@ -87,6 +87,24 @@ ALLOCATIONS = ("global", "uniform")
 QUANTIZE_CHOICES = ("none", "4bit", "8bit")
 
 
+def check_pruning_run(config: Any) -> None:
+    """Validate the settings that `prune-model` and `prune-nm` share: output, calibration, evaluation, LoRA."""
+    check(bool(config.output), "an output directory is required (--output DIR)")
+    check(config.calibration_samples >= 1, "calibration samples must be >= 1")
+    check(config.seq_len >= 2 and config.eval_seq_len >= 2, "sequence lengths must be >= 2")
+    check(
+        config.eval_max_tokens is None or config.eval_max_tokens >= config.eval_seq_len,
+        "eval-max-tokens must be at least one window (eval-seq-len)",
+    )
+    check(config.steps >= 0, f"steps must be >= 0, got {config.steps}")
+    check(
+        config.steps >= 1 or config.method != "loraprune",
+        "loraprune prunes while LoRA trains: give the number of training steps (--steps N, e.g. 200)",
+    )
+    check(config.lora_rank >= 1 and config.batch_size >= 1, "lora-rank and batch-size must be >= 1")
+    check(config.learning_rate > 0, f"learning-rate must be > 0, got {config.learning_rate}")
+
+
 @dataclasses.dataclass
 class PruneModelConfig:
     """Settings of `loraprune prune-model` / `loraprune.api.prune_model`."""
@@ -174,26 +192,13 @@ class PruneModelConfig:
     overwrite: bool = option(False, help="replace OUTPUT if it exists (the old one stays until the new one is done)")
 
     def __post_init__(self) -> None:
-        check(bool(self.output), "an output directory is required (--output DIR)")
+        check_pruning_run(self)
         check(0 <= self.sparsity < 1, f"sparsity must be in [0, 1), got {self.sparsity}")
         for name in ("attention_sparsity", "mlp_sparsity"):
             value = getattr(self, name)
             check(value is None or 0 <= value < 1, f"{name.replace('_', '-')} must be in [0, 1), got {value}")
         check(self.allocation in ALLOCATIONS, f"allocation must be one of {ALLOCATIONS}")
         check(self.attention_unit in ATTENTION_UNITS, f"attention unit must be one of {ATTENTION_UNITS}")
-        check(self.calibration_samples >= 1, "calibration samples must be >= 1")
-        check(self.seq_len >= 2 and self.eval_seq_len >= 2, "sequence lengths must be >= 2")
-        check(
-            self.eval_max_tokens is None or self.eval_max_tokens >= self.eval_seq_len,
-            "eval-max-tokens must be at least one window (eval-seq-len)",
-        )
-        check(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
-        check(
-            self.steps >= 1 or self.method != "loraprune",
-            "loraprune prunes while LoRA trains: give the number of training steps (--steps N, e.g. 200)",
-        )
-        check(self.lora_rank >= 1 and self.batch_size >= 1, "lora-rank and batch-size must be >= 1")
-        check(self.learning_rate > 0, f"learning-rate must be > 0, got {self.learning_rate}")
         check(self.quantize in QUANTIZE_CHOICES, f"quantize must be one of {QUANTIZE_CHOICES}, got {self.quantize!r}")
         check(
             self.quantize == "none" or self.method == "loraprune",

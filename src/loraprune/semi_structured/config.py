@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loraprune.config import check, option
+from loraprune.config import check, check_pruning_run, option
 from loraprune.models import DTYPES
 from loraprune.semi_structured.one_shot import ONE_SHOT_METHODS
 from loraprune.semi_structured.pattern import NMPattern
@@ -55,7 +55,7 @@ class PruneNMConfig:
     overwrite: bool = option(False, help="replace OUTPUT if it exists (the old one stays until the new one is done)")
 
     def __post_init__(self) -> None:
-        check(bool(self.output), "an output directory is required (--output DIR)")
+        check_pruning_run(self)
         check(self.method in NM_METHODS, f"method must be one of {', '.join(NM_METHODS)}, got {self.method!r}")
         pattern = NMPattern.parse(self.pattern)
         block = self.sparsegpt_block_size
@@ -63,19 +63,6 @@ class PruneNMConfig:
             self.method != "sparsegpt" or (block >= 1 and block % pattern.m == 0),
             f"sparsegpt-block-size must be a positive multiple of M={pattern.m}, got {block}",
         )
-        check(self.calibration_samples >= 1, "calibration samples must be >= 1")
-        check(self.seq_len >= 2 and self.eval_seq_len >= 2, "sequence lengths must be >= 2")
-        check(
-            self.eval_max_tokens is None or self.eval_max_tokens >= self.eval_seq_len,
-            "eval-max-tokens must be at least one window (eval-seq-len)",
-        )
-        check(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
-        check(
-            self.steps >= 1 or self.method != "loraprune",
-            "loraprune prunes while LoRA trains: give the number of training steps (--steps N, e.g. 200)",
-        )
-        check(self.lora_rank >= 1 and self.batch_size >= 1, "lora-rank and batch-size must be >= 1")
-        check(self.learning_rate > 0, f"learning-rate must be > 0, got {self.learning_rate}")
         check(self.sparsegpt_damp > 0, f"sparsegpt-damp must be > 0, got {self.sparsegpt_damp}")
         check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
