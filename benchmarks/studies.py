@@ -123,6 +123,7 @@ def rank_criteria_study(sweeps: dict[int, Sweep]) -> tuple[list[str], list[dict[
                 if low is not None and high is not None:
                     robustness[group].append(high - low)
                     high_sparsity[group].append(high)
+    complete = columns == len(sweeps) * len(fractions)
     verdicts.append(
         {
             "claim": "PrunedLoRA's loss-aware score beats existing structured-pruning criteria (magnitude, Taylor, "
@@ -130,10 +131,9 @@ def rank_criteria_study(sweeps: dict[int, Sweep]) -> tuple[list[str], list[dict[
             "rule": "obs has the lowest test NLL in a majority of the (r0, removed fraction) columns with all five "
             "criteria finished",
             "evidence": f"obs lowest in {wins} of {columns} columns",
-            "verdict": _verdict(columns > 0, wins * 2 > columns),
+            "verdict": _verdict(complete, wins * 2 > columns),
         }
     )
-    complete = all(robustness.values())
     gradient = statistics.mean(robustness["gradient"]) if complete else None
     activation = statistics.mean(robustness["activation"]) if complete else None
     verdicts.append(

@@ -54,6 +54,14 @@ def test_criteria_verdicts_follow_the_numbers(tmp_path):
     assert best["verdict"] == "contradicted" and "obs lowest in 0 of 8" in best["evidence"]
     assert robust["verdict"] == "contradicted"
 
+    # one column short: no verdict yet, but the evidence so far is shown
+    partial = tmp_path / "partial"
+    write_sweep(partial, "rank-criteria-r64-cpu", criteria_points(lambda c, f: 1 + offset[c] + slope[c] * f)[:-1])
+    write_sweep(partial, "rank-criteria-r256-cpu", criteria_points(lambda c, f: 1 + offset[c] + slope[c] * f))
+    best, robust = by_claim(studies.build(partial)[0], "Rank-pruning criteria")
+    assert best["verdict"] == "incomplete" and "obs lowest in 0 of 7" in best["evidence"]
+    assert robust["verdict"] == "incomplete"
+
 
 def test_a_best_setting_is_incomplete_until_every_value_ran_and_names_the_best(tmp_path):
     ema = [({"schedule.ema": e}, {"perplexity_after": p}) for e, p in ((0.0, 90.0), (0.5, 80.0), (0.9, 85.0))]
