@@ -102,6 +102,7 @@ def rank_criteria_study(sweeps: dict[int, Sweep]) -> tuple[list[str], list[dict[
     wins = columns = 0
     robustness: dict[str, list[float]] = {"gradient": [], "activation": []}
     high_sparsity: dict[str, list[float]] = {"gradient": [], "activation": []}
+    pairs: list[str] = []  # like for like: with a recovery update (obs, sparsegpt), without (taylor, wanda)
     for r0, sweep in sweeps.items():
         table, values = pivot(
             sweep,
@@ -117,6 +118,11 @@ def rank_criteria_study(sweeps: dict[int, Sweep]) -> tuple[list[str], list[dict[
             if len(column) == len(CRITERIA):
                 columns += 1
                 wins += min(column, key=column.get) == "obs"
+        top = fractions[-1]
+        pairs += [
+            f"r0 {r0}: {g} {_fmt(values[g][top])} vs {a} {_fmt(values[a][top])}"
+            for g, a in zip(GRADIENT_BASED, ACTIVATION_BASED[::-1])
+        ]
         for group, members in (("gradient", GRADIENT_BASED), ("activation", ACTIVATION_BASED)):
             for c in members:
                 low, high = values[c][fractions[0]], values[c][fractions[-1]]
@@ -144,7 +150,8 @@ def rank_criteria_study(sweeps: dict[int, Sweep]) -> tuple[list[str], list[dict[
             "evidence": (
                 f"mean increase gradient-based {_fmt(gradient)} vs activation-based {_fmt(activation)}; "
                 f"mean NLL at 93.75 % removed {_fmt(statistics.mean(high_sparsity['gradient']))} vs "
-                f"{_fmt(statistics.mean(high_sparsity['activation']))}"
+                f"{_fmt(statistics.mean(high_sparsity['activation']))}; like for like at 93.75 % removed: "
+                + "; ".join(pairs)
             )
             if complete
             else "not finished",
