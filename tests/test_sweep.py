@@ -366,3 +366,39 @@ def test_adapter_sweep_end_to_end_on_a_tiny_model(tiny_model_dir, data_dir, tmp_
     table = (output / TABLE_FILE).read_text()
     assert "rank_pruning.rank (derived)" in table and f"{points[1]['metrics']['test_nll']:.5g}" in table
     assert (output / "vs_rank_pruning_removed_fraction.png").stat().st_size > 0
+
+
+def test_scratch_outputs_live_in_a_git_ignored_folder_and_are_removed(tmp_path):
+    import subprocess
+
+    from loraprune.sweep.runner import SCRATCH_DIR
+
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    seen: list[Path] = []
+
+    class WritingJob(FakeJob):
+        def __call__(self, configs: dict, output: Path) -> dict:
+            output.mkdir(parents=True)
+            (output / "adapter_model.safetensors").write_bytes(b"weights")
+            seen.append(output)
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=all"],
+                cwd=repo,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            assert "safetensors" not in status and SCRATCH_DIR not in status  # what `git add` would take
+            return super().__call__(configs, output)
+
+    spec = parse_spec(spec_with(repo / "results"))
+    run_sweep(spec, job=WritingJob(), progress=False)
+    assert len(seen) == 12 and all((repo / "results" / SCRATCH_DIR) in p.parents for p in seen)
+    assert not any(p.exists() for p in seen)
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout
+    assert sorted(line.split()[-1] for line in status.splitlines()) == ["results/sweep.json", "results/sweep.md"] + [
+        f"results/{p.name}" for p in sorted((repo / "results").glob("*.png"))
+    ]

@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 RESULTS_FILE = "sweep.json"
 TABLE_FILE = "sweep.md"
 POINTS_DIR = "points"
+#: the running point's model or adapter when outputs are not kept; it holds a .gitignore of "*", so a
+#: sweep whose results are committed (benchmarks/results/) never commits a half-written point
+SCRATCH_DIR = ".scratch"
 FORMAT = "loraprune-sweep/1"
 
 
@@ -146,7 +149,10 @@ def point_output(spec: SweepSpec, point: Point) -> Iterator[Path]:
         (spec.output / POINTS_DIR).mkdir(exist_ok=True)
         yield spec.output / POINTS_DIR / point.id
         return
-    with tempfile.TemporaryDirectory(prefix=f".point-{point.id}-", dir=spec.output) as scratch:
+    scratch_root = spec.output / SCRATCH_DIR
+    scratch_root.mkdir(exist_ok=True)
+    (scratch_root / ".gitignore").write_text("# loraprune sweep: the running point's outputs\n*\n")
+    with tempfile.TemporaryDirectory(prefix=f"point-{point.id}-", dir=scratch_root) as scratch:
         yield Path(scratch) / "output"
 
 
