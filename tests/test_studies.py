@@ -91,3 +91,25 @@ def test_schedule_verdict_places_the_papers_cell(tmp_path):
     assert verdict["verdict"] == "supported" and verdict["evidence"].startswith("(10, 2) places 1 of 9")
     table = "\n".join(lines)  # the lowest of each column in bold
     assert "| 1 | 1.1900 | 1.0900 | 1.6900 |" in table and "| 10 | **1.1000** | **1.0000** | **1.6000** |" in table
+
+
+def test_seed_spread_reports_the_largest_difference_and_checks_the_winner(tmp_path):
+    def nll(c, f, shift=0.0):
+        return 1 + f * (1 + studies.CRITERIA.index(c)) + shift
+
+    write_sweep(tmp_path, "rank-criteria-r64-cpu", criteria_points(nll))
+    second = [
+        ({"rank_pruning.criterion": c, "rank_pruning.removed_fraction": f}, {"test_nll": nll(c, f, 0.01 * i)})
+        for i, (c, f) in enumerate((c, f) for c in studies.CRITERIA for f in (0.5, 0.9375))
+    ]
+    write_sweep(tmp_path, "rank-criteria-r64-seed1-cpu", second)
+    (verdict,) = by_claim(studies.build(tmp_path)[0], "Rank-pruning criteria: a second seed")
+    # differences 0.00, 0.02, 0.04, 0.06, 0.08 at 50 %; 0.01 ... 0.09 at 93.75 %
+    assert verdict["verdict"] == "supported"
+    assert "up to 0.0800 at 50 %, up to 0.0900 at 93.75 %" in verdict["evidence"]
+
+    flipped = tmp_path / "flipped"
+    write_sweep(flipped, "rank-criteria-r64-cpu", criteria_points(nll))
+    write_sweep(flipped, "rank-criteria-r64-seed1-cpu", [(s, {"test_nll": 3 - m["test_nll"]}) for s, m in second])
+    (verdict,) = by_claim(studies.build(flipped)[0], "Rank-pruning criteria: a second seed")
+    assert verdict["verdict"] == "contradicted" and "sparsegpt at 93.75 %" in verdict["evidence"]

@@ -194,6 +194,7 @@ def test_example_specs_are_valid(path):
         "prunedlora_schedule_cpu.yaml": 9,
         "loraprune_ema_cpu.yaml": 4,
         "loraprune_prune_every_cpu.yaml": 3,
+        "rank_criteria_r64_seed1_cpu.yaml": 10,
     }
     assert len(spec.points) == expected[path.name]
     # full studies write under sweeps/; the CPU-sized ones are committed with the benchmark results
