@@ -203,6 +203,23 @@ def seed_spread_study(seed0: Sweep, seed1: Sweep) -> tuple[list[str], list[dict[
     return lines, [verdict]
 
 
+def seed_check(seed0: Sweep, seed1: Sweep, metric: str, points: dict[str, dict[str, Any]]) -> list[str]:
+    """Some points of a study again with seed 1: both values side by side, and whether their order holds."""
+    if not seed1.total:
+        return []
+    pairs = {name: [s.value(metric, **settings) for s in (seed0, seed1)] for name, settings in points.items()}
+    rows = [[name, _fmt(a), _fmt(b)] for name, (a, b) in pairs.items()]
+    lines = [f"Seed check ({seed1.done}):", "", *markdown_table(["setting", "seed 0", "seed 1"], rows), ""]
+    if all(None not in pair for pair in pairs.values()):
+        orders = [sorted(pairs, key=lambda name, i=i: pairs[name][i]) for i in (0, 1)]
+        same = "the same" if orders[0] == orders[1] else "different"
+        lines += [
+            f"Order from lowest {metric}: seed 0 {', '.join(orders[0])}; seed 1 {', '.join(orders[1])} ({same}).",
+            "",
+        ]
+    return lines
+
+
 def best_setting_study(
     sweep: Sweep,
     metric: str,
@@ -364,6 +381,26 @@ def build(results: Path) -> tuple[dict[str, Any], list[str]]:
         ),
         "N:M semi-structured sparsity (LoRAPrune)": semi_structured_study(results / "semi_structured.json"),
     }
+    checks = {
+        "Scaling alpha (PrunedLoRA, r0 = 64 pruned to rank 8)": seed_check(
+            sweep("prunedlora-alpha-cpu"),
+            sweep("prunedlora-alpha-seed1-cpu"),
+            "test_nll",
+            {f"alpha / r0 = {v:g}": {"rank_pruning__alpha_over_r0": v} for v in (1.0, 2.0)},
+        ),
+        "Schedule K1 x K2 (PrunedLoRA, r0 = 32 pruned to rank 8)": seed_check(
+            sweep("prunedlora-schedule-cpu"),
+            sweep("prunedlora-schedule-seed1-cpu"),
+            "test_nll",
+            {f"K1 = {k}, K2 = 2": {"rank_pruning__prune_every": k, "rank_pruning__per_event": 2} for k in (1, 10, 50)},
+        ),
+        "Score smoothing (LoRAPrune at 50 %)": seed_check(
+            sweep("loraprune-ema-cpu"),
+            sweep("loraprune-ema-seed1-cpu"),
+            "perplexity_after",
+            {f"EMA {v:g}": {"schedule__ema": v} for v in (0.5, 0.9)},
+        ),
+    }
     lines = [
         "# The papers' claims, checked on SmolLM2-135M",
         "",
@@ -374,7 +411,7 @@ def build(results: Path) -> tuple[dict[str, Any], list[str]]:
     ]
     summary = {}
     for title, (table, verdicts) in studies.items():
-        lines += [f"## {title}", "", *table]
+        lines += [f"## {title}", "", *table, *checks.get(title, [])]
         for v in verdicts:
             lines += [f"- **{v['verdict']}**: {v['claim']}. Rule: {v['rule']}. {v['evidence']}."]
         lines.append("")
@@ -391,6 +428,8 @@ def main(argv: list[str] | None = None) -> None:
         help="folder with the sweep-* results and semi_structured.json; studies.* are written here",
     )
     args = parser.parse_args(argv)
+    if not args.results.is_dir():
+        parser.error(f"no results folder {args.results} (run from the repository root, or pass --results)")
     summary, lines = build(args.results)
     write_json(args.results / "studies.json", summary)
     (args.results / "studies.md").write_text("\n".join(lines))

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("studies", REPO_ROOT / "benchmarks" / "studies.py")
 studies = importlib.util.module_from_spec(_spec)
@@ -113,3 +115,27 @@ def test_seed_spread_reports_the_largest_difference_and_checks_the_winner(tmp_pa
     write_sweep(flipped, "rank-criteria-r64-seed1-cpu", [(s, {"test_nll": 3 - m["test_nll"]}) for s, m in second])
     (verdict,) = by_claim(studies.build(flipped)[0], "Rank-pruning criteria: a second seed")
     assert verdict["verdict"] == "contradicted" and "sparsegpt at 93.75 %" in verdict["evidence"]
+
+
+def test_a_seed_check_sits_under_its_study_and_says_whether_the_order_held(tmp_path):
+    write_sweep(
+        tmp_path,
+        "prunedlora-alpha-cpu",
+        [({"rank_pruning.alpha_over_r0": a}, {"test_nll": 2 - a / 4}) for a in (0.25, 0.5, 1.0, 2.0)],
+    )
+    write_sweep(
+        tmp_path,
+        "prunedlora-alpha-seed1-cpu",
+        [({"rank_pruning.alpha_over_r0": a}, {"test_nll": n}) for a, n in ((1.0, 1.5), (2.0, 1.6))],
+    )
+    text = "\n".join(studies.build(tmp_path)[1])
+    section = text[text.index("## Scaling alpha") : text.index("## Schedule")]
+    assert "| alpha / r0 = 1 | 1.7500 | 1.5000 |" in section and "| alpha / r0 = 2 | 1.5000 | 1.6000 |" in section
+    assert "seed 0 alpha / r0 = 2, alpha / r0 = 1; seed 1 alpha / r0 = 1, alpha / r0 = 2 (different)" in section
+    assert "Seed check" not in text[text.index("## Schedule") :]  # no replicate sweep, no section
+
+
+def test_studies_refuses_a_missing_results_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        studies.main(["--results", str(tmp_path / "missing")])
+    assert "no results folder" in capsys.readouterr().err

@@ -195,6 +195,9 @@ def test_example_specs_are_valid(path):
         "loraprune_ema_cpu.yaml": 4,
         "loraprune_prune_every_cpu.yaml": 3,
         "rank_criteria_r64_seed1_cpu.yaml": 10,
+        "prunedlora_alpha_seed1_cpu.yaml": 2,
+        "prunedlora_schedule_seed1_cpu.yaml": 3,
+        "loraprune_ema_seed1_cpu.yaml": 2,
     }
     assert len(spec.points) == expected[path.name]
     # full studies write under sweeps/; the CPU-sized ones are committed with the benchmark results
