@@ -214,7 +214,7 @@ def seed_check(seed0: Sweep, seed1: Sweep, metric: str, points: dict[str, dict[s
         orders = [sorted(pairs, key=lambda name, i=i: pairs[name][i]) for i in (0, 1)]
         same = "the same" if orders[0] == orders[1] else "different"
         lines += [
-            f"Order from lowest {metric}: seed 0 {', '.join(orders[0])}; seed 1 {', '.join(orders[1])} ({same}).",
+            f"Order from lowest {metric}: seed 0 {' < '.join(orders[0])}; seed 1 {' < '.join(orders[1])} ({same}).",
             "",
         ]
     return lines

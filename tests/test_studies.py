@@ -131,7 +131,7 @@ def test_a_seed_check_sits_under_its_study_and_says_whether_the_order_held(tmp_p
     text = "\n".join(studies.build(tmp_path)[1])
     section = text[text.index("## Scaling alpha") : text.index("## Schedule")]
     assert "| alpha / r0 = 1 | 1.7500 | 1.5000 |" in section and "| alpha / r0 = 2 | 1.5000 | 1.6000 |" in section
-    assert "seed 0 alpha / r0 = 2, alpha / r0 = 1; seed 1 alpha / r0 = 1, alpha / r0 = 2 (different)" in section
+    assert "seed 0 alpha / r0 = 2 < alpha / r0 = 1; seed 1 alpha / r0 = 1 < alpha / r0 = 2 (different)" in section
     assert "Seed check" not in text[text.index("## Schedule") :]  # no replicate sweep, no section
 
 
