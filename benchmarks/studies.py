@@ -7,8 +7,8 @@ those files, and every verdict is computed from those numbers by the rule stated
 
     python benchmarks/studies.py [--results benchmarks/results]
 
-A study whose sweep is missing or unfinished is listed as such; its verdict then covers only the
-points that finished (and says so).
+A study whose sweep is missing or unfinished is listed as such: its table shows the points that
+finished and its verdict is "incomplete".
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from loraprune.io import write_json
+from loraprune.run_report.document import markdown_table as table_markdown
 
 CRITERIA = ("obs", "taylor", "magnitude", "wanda", "sparsegpt")
 GRADIENT_BASED = ("obs", "taylor")
@@ -66,9 +67,8 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
+    """The run reports' Markdown table, as lines."""
+    return table_markdown(header, rows).split("\n")
 
 
 def pivot(
@@ -164,41 +164,31 @@ def rank_criteria_study(sweeps: dict[int, Sweep]) -> tuple[list[str], list[dict[
 def seed_spread_study(seed0: Sweep, seed1: Sweep) -> tuple[list[str], list[dict[str, Any]]]:
     """The same criteria points with another seed: how large the differences between runs are."""
     ends = (0.5, 0.9375)
-    rows, spread = [], {f: [] for f in ends}
-    for criterion in CRITERIA:
-        cells = []
-        for f in ends:
-            pair = [
-                s.value("test_nll", rank_pruning__criterion=criterion, rank_pruning__removed_fraction=f)
-                for s in (seed0, seed1)
-            ]
-            cells += [_fmt(v) for v in pair]
-            if None not in pair:
-                spread[f].append(abs(pair[0] - pair[1]))
-        rows.append([criterion, *cells])
-    header = ["criterion", "50 % seed 0", "50 % seed 1", "93.75 % seed 0", "93.75 % seed 1"]
-    lines = [seed1.done, "", *markdown_table(header, rows), ""]
-    complete = all(len(v) == len(CRITERIA) for v in spread.values())
-    best = {
-        f: min(
-            CRITERIA,
-            key=lambda c, f=f: (
-                seed1.value("test_nll", rank_pruning__criterion=c, rank_pruning__removed_fraction=f) or float("inf")
-            ),
-        )
+    pairs = {
+        (c, f): [
+            s.value("test_nll", rank_pruning__criterion=c, rank_pruning__removed_fraction=f) for s in (seed0, seed1)
+        ]
+        for c in CRITERIA
         for f in ends
     }
+    rows = [[c, *(_fmt(v) for f in ends for v in pairs[c, f])] for c in CRITERIA]
+    header = ["criterion", "50 % seed 0", "50 % seed 1", "93.75 % seed 0", "93.75 % seed 1"]
+    lines = [seed1.done, "", *markdown_table(header, rows), ""]
+    complete = all(None not in pair for pair in pairs.values())
+    if complete:
+        spread = {f: max(abs(a - b) for (_, end), (a, b) in pairs.items() if end == f) for f in ends}
+        best = {f: min(CRITERIA, key=lambda c, f=f: pairs[c, f][1]) for f in ends}
     verdict = {
         "claim": "the criteria's ranking at r0 = 64 is not an accident of one seed",
         "rule": "with seed 1, obs is again the lowest at 93.75 % removed",
         "evidence": (
-            f"seed-to-seed difference of a criterion: up to {_fmt(max(spread[0.5]))} at 50 %, up to "
-            f"{_fmt(max(spread[0.9375]))} at 93.75 %; lowest with seed 1: {best[0.5]} at 50 %, "
+            f"seed-to-seed difference of a criterion: up to {_fmt(spread[0.5])} at 50 %, up to "
+            f"{_fmt(spread[0.9375])} at 93.75 %; lowest with seed 1: {best[0.5]} at 50 %, "
             f"{best[0.9375]} at 93.75 %"
         )
         if complete
         else "not finished",
-        "verdict": _verdict(complete, best[0.9375] == "obs"),
+        "verdict": _verdict(complete, complete and best[0.9375] == "obs"),
     }
     return lines, [verdict]
 

@@ -101,13 +101,8 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
     )
     one_shot = config.method != "loraprune"
     windows = training_windows(tokenizer, config.calibration_data, config.seq_len) if config.steps else None
-    lora = LoraSettings(
-        steps=config.steps,
-        rank=config.lora_rank,
-        alpha=config.lora_alpha,
-        learning_rate=config.learning_rate,
-        batch_size=config.batch_size,
-        seed=config.seed,
+    lora = LoraSettings.of_run(
+        config,
         report_to=config.report_to,
         logging_dir=config.logging_dir,
         bf16=config.bf16,

@@ -56,6 +56,19 @@ class LoraSettings:
     fp16: bool = False
     gradient_checkpointing: bool = False
 
+    @classmethod
+    def of_run(cls, config: Any, **extra: Any) -> LoraSettings:
+        """The LoRA settings of a `prune-model` / `prune-nm` config (`steps`, `lora_rank`, ...), plus `extra`."""
+        return cls(
+            steps=config.steps,
+            rank=config.lora_rank,
+            alpha=config.lora_alpha,
+            learning_rate=config.learning_rate,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            **extra,
+        )
+
     def training_config(self) -> TrainingConfig:
         return TrainingConfig(
             steps=self.steps,

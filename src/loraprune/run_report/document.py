@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,16 @@ def _markdown_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A GitHub-flavoured Markdown table (cells escaped), without a trailing newline."""
+    lines = [
+        "| " + " | ".join(map(_markdown_cell, header)) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    lines += ["| " + " | ".join(map(_markdown_cell, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def to_markdown(blocks: list[Block]) -> str:
     """GitHub-flavoured Markdown; images are relative links to the PNGs beside the file."""
     parts: list[str] = []
@@ -55,12 +66,7 @@ def to_markdown(blocks: list[Block]) -> str:
         elif isinstance(block, Paragraph):
             parts.append(block.text)
         elif isinstance(block, Table):
-            lines = [
-                "| " + " | ".join(map(_markdown_cell, block.header)) + " |",
-                "|" + "|".join("---" for _ in block.header) + "|",
-            ]
-            lines += ["| " + " | ".join(map(_markdown_cell, row)) + " |" for row in block.rows]
-            parts.append("\n".join(lines))
+            parts.append(markdown_table(block.header, block.rows))
         else:
             parts.append(f"![{block.alt}]({block.file})")
     return "\n\n".join(parts) + "\n"

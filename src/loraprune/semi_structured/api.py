@@ -45,14 +45,7 @@ def prune_nm(config: PruneNMConfig, schedule: LoRAPruneConfig | None = None) -> 
     model, tokenizer = load_model(config.model, dtype=config.dtype)
     modules = nm_modules(model, pattern, config.layers)
     windows = training_windows(tokenizer, config.calibration_data, config.seq_len) if config.steps else None
-    lora = LoraSettings(
-        steps=config.steps,
-        rank=config.lora_rank,
-        alpha=config.lora_alpha,
-        learning_rate=config.learning_rate,
-        batch_size=config.batch_size,
-        seed=config.seed,
-    )
+    lora = LoraSettings.of_run(config)
     batches = None
     if config.method in ("wanda", "sparsegpt"):
         batches = calibration_batches(
