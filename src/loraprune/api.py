@@ -25,15 +25,14 @@ from loraprune.model_pruning.run import (
     LoraRun,
     LoraSettings,
     loraprune,
+    recover,
     split_adapter,
-    train_lora,
     training_windows,
 )
 from loraprune.models import load_model
 from loraprune.report import directory_size, layer_table, pruning_report, size_summary
 from loraprune.run_report import REPORT_FILE, write_run_report
 from loraprune.selection import parse_layers, plan_budget, select
-from loraprune.shrink import shrink_model
 from loraprune.structure import full_masks, get_adapter
 from loraprune.structure.groups import masks_to_lists
 
@@ -132,9 +131,7 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
         masks = select(
             families, scores, full_masks(families), budget, prunable_layers=prunable, allocation=config.allocation
         )
-        shrink_model(model, families, masks)
-        if config.steps:
-            training = train_lora(model, windows, lora)
+        training = recover(model, families, masks, windows, lora)
     else:
         target = PruningTarget(
             config.sparsity,

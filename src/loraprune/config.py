@@ -142,7 +142,11 @@ class PruneModelConfig:
         "'head' for MHA and 'kv_group' for GQA",
         choices=ATTENTION_UNITS,
     )
-    layers: str = option("all", help="prunable decoder layers, e.g. 'all', '4-27', '0,2,5-7' (ends inclusive)")
+    layers: str = option(
+        "all",
+        help="prunable decoder layers, e.g. 'all', '4-27', '0,2,5-7' (ends inclusive), or 'paper': all but the "
+        "first 10%% and the last layer (the official LoRAPrune code)",
+    )
     calibration_data: str = option(
         "wikitext2",
         help="text for data-driven criteria and LoRA training: corpus name or text file",
@@ -190,9 +194,22 @@ class PruneModelConfig:
         None, help="directory for the trackers' local files (tensorboard event files under LOGGING_DIR/runs/)"
     )
     overwrite: bool = option(False, help="replace OUTPUT if it exists (the old one stays until the new one is done)")
+    distill_weight: float = option(
+        0.0,
+        help="weight of a KL term to the unpruned model's next-token distribution in the LoRA training of every "
+        "method (0 = off). The teacher is the same weights with masks and LoRA off (one extra no-grad forward "
+        "per step, no second model); one-shot methods then recover under masks and shrink afterwards",
+    )
+    distill_temperature: float = option(1.0, help="softmax temperature of the distillation term")
 
     def __post_init__(self) -> None:
         check_pruning_run(self)
+        check(self.distill_weight >= 0, f"distill-weight must be >= 0, got {self.distill_weight}")
+        check(self.distill_temperature > 0, f"distill-temperature must be > 0, got {self.distill_temperature}")
+        check(
+            self.distill_weight == 0 or self.quantize == "none",
+            "--distill-weight needs full-precision base weights (not --quantize)",
+        )
         check(0 <= self.sparsity < 1, f"sparsity must be in [0, 1), got {self.sparsity}")
         for name in ("attention_sparsity", "mlp_sparsity"):
             value = getattr(self, name)

@@ -146,3 +146,17 @@ def broadcast_from_main(tensors: Iterable[Tensor]) -> None:
         return
     for tensor in tensors:
         dist.broadcast(tensor, src=0)
+
+
+def all_reduce_sum(tensors: list[Tensor]) -> list[Tensor]:
+    """The sums of `tensors` over all processes (the tensors themselves without a process group).
+
+    For statistics every rank accumulates from its own data (activation-gradient scores);
+    they must be on the process group's device (CUDA for NCCL).
+    """
+    if not is_distributed():
+        return tensors
+    reduced = [tensor.clone() for tensor in tensors]
+    for tensor in reduced:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return reduced

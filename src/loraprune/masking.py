@@ -8,6 +8,9 @@ LoRA-wrapped layers, because the hook sits in front of the whole layer (base and
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from torch import nn
 
 from loraprune.structure import GroupFamily, Masks, unwrap_model
@@ -52,6 +55,15 @@ class MaskHooks:
         """Use new masks from the next forward pass on."""
         self._masks = dict(masks)
         self._cache.clear()
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Every unit back for the forward passes inside (the dense teacher of self-distillation)."""
+        masks, self._masks = self._masks, {}
+        try:
+            yield
+        finally:
+            self._masks = masks
 
     def remove(self) -> None:
         for handle in self._handles:

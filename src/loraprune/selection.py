@@ -39,9 +39,14 @@ class Budget:
 
 
 def parse_layers(spec: str | None, num_layers: int) -> list[int]:
-    """Prunable layers from `"all"`, `"4-27"`, `"0,2,5-7"` (ends inclusive); validated against the model."""
+    """Prunable layers from `"all"`, `"4-27"`, `"0,2,5-7"` (ends inclusive); validated against the model.
+
+    `"paper"` is the official LoRAPrune code's choice: every layer but the first 10 % and the last.
+    """
     if spec is None or spec.strip() in ("", "all"):
         return list(range(num_layers))
+    if spec.strip() == "paper":
+        return list(range(int(0.1 * num_layers), num_layers - 1))
     layers: set[int] = set()
     try:
         for part in spec.split(","):

@@ -17,6 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from loraprune.config import check, option
+from loraprune.distillation import Distillation
 
 
 @dataclass
@@ -135,6 +136,20 @@ def training_arguments(config: TrainingConfig, output_dir: str) -> TrainingArgum
     )
 
 
+class DistillingTrainer(Trainer):
+    """`Trainer` whose loss adds a `Distillation` term to the language-modelling loss."""
+
+    def __init__(self, *args: Any, distillation: Distillation, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.distillation = distillation
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        teacher = self.distillation.teacher_logits(model, inputs)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        loss = loss + self.distillation.loss(outputs.logits, teacher, inputs["labels"], num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+
 def train(
     model: torch.nn.Module,
     train_dataset: Any,
@@ -142,21 +157,24 @@ def train(
     config: TrainingConfig,
     callbacks: Sequence[TrainerCallback] = (),
     output_dir: str | None = None,
+    distillation: Distillation | None = None,
 ) -> list[dict]:
     """Fine-tune the trainable parameters of `model` in place and return the Trainer's log history.
 
     `train_dataset` is anything with `__len__` and `__getitem__` (a list of tokenised examples
     works); the data is cycled when `steps` needs more than one epoch. Checkpointing is off, so
     only the trackers of `config.report_to` write files, to `output_dir`, else `config.logging_dir`,
-    else a temporary directory.
+    else a temporary directory. With `distillation` the loss gets its KL term to the teacher.
     """
     with tempfile.TemporaryDirectory(prefix="loraprune-train-") as scratch:
-        trainer = Trainer(
+        extra = {} if distillation is None else {"distillation": distillation}
+        trainer = (Trainer if distillation is None else DistillingTrainer)(
             model=model,
             args=training_arguments(config, output_dir or config.logging_dir or scratch),
             data_collator=data_collator,
             train_dataset=train_dataset,
             callbacks=list(callbacks),
+            **extra,
         )
         trainer.train()
         return list(trainer.state.log_history)

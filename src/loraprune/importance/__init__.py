@@ -7,6 +7,7 @@ listed in `CRITERIA`; `get_criterion(name)` builds one.
 from __future__ import annotations
 
 from loraprune.errors import ConfigError
+from loraprune.importance.activation_gradient import ActivationGradientCriterion
 from loraprune.importance.base import Criterion, unit_scores
 from loraprune.importance.lora_guided import LoraGuidedCriterion
 from loraprune.importance.magnitude import MagnitudeCriterion
@@ -20,6 +21,7 @@ CRITERIA: dict[str, type[Criterion]] = {
     TaylorCriterion.name: TaylorCriterion,
     WandaSPCriterion.name: WandaSPCriterion,
     LoraGuidedCriterion.name: LoraGuidedCriterion,
+    ActivationGradientCriterion.name: ActivationGradientCriterion,
 }
 
 

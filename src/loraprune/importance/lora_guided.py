@@ -12,8 +12,10 @@ the part of `G_W` that LoRA can follow (exactly `s·G_W` when `A` is square and 
 leaving it keeps the second-order term on the paper's scale. The element importance is the
 first-order Taylor estimate of the loss change when the weight is removed,
 `I = |Ĝ ⊙ (W0 + s·B·A)|`; a unit's score in one matrix is the sum of `I` over its rows
-(or columns), each matrix's vector is L2-normalised, and the vectors of a group's matrices
-are summed.
+(or columns), and the vectors of a group's matrices are summed: each L2-normalised first
+(`normalisation="matrix"`, the paper), or as they are (`"none"`). Normalising weighs matrices
+of different scale equally but gives every matrix's vector unit norm whatever its layer's real
+sensitivity, so normalised scores of different layers are not comparable in a global ranking.
 
 No gradient of a base weight is ever created: only the LoRA gradients that training
 computes anyway are read, and the transient memory of scoring is a few temporaries the size
@@ -34,6 +36,9 @@ from loraprune.errors import LoraPruneError
 from loraprune.importance.base import Criterion, normalised_sum, unit_scores
 from loraprune.importance.gradients import backward_mean_loss
 from loraprune.structure import GroupFamily, unwrap_model
+
+#: how a group's per-matrix unit scores are combined: L2-normalised per matrix (the paper), or summed
+NORMALISATIONS = ("none", "matrix")
 
 
 def estimated_gradient(
@@ -98,10 +103,15 @@ class LoraGuidedCriterion(Criterion):
     name = "lora-guided"
     needs_data = True
 
-    def __init__(self, adapter: str = "default", second_order: bool = False, batch_size: int = 4) -> None:
+    def __init__(
+        self, adapter: str = "default", second_order: bool = False, batch_size: int = 4, normalisation: str = "matrix"
+    ) -> None:
+        if normalisation not in NORMALISATIONS:
+            raise LoraPruneError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
         self.adapter = adapter
         self.second_order = second_order
         self.batch_size = batch_size
+        self.normalisation = normalisation
 
     def check_families(self, model: nn.Module, families: list[GroupFamily]) -> None:
         """Raise if a family has no LoRA-wrapped matrix (it could never be scored)."""
@@ -145,7 +155,9 @@ class LoraGuidedCriterion(Criterion):
                 )
                 per_matrix.append(unit_scores(family, slicing, element).cpu())
                 del element
-            scores[family.key] = normalised_sum(per_matrix)
+            scores[family.key] = (
+                normalised_sum(per_matrix) if self.normalisation == "matrix" else torch.stack(per_matrix).sum(0)
+            )
         return scores
 
     def score(

@@ -34,6 +34,7 @@ zeroed in the local shards, and `finish` needs the whole model (gather it first)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from torch import nn
 from loraprune.config import ALLOCATIONS, ATTENTION_UNITS, check
 from loraprune.distributed import broadcast_from_main, index_fill_, is_distributed, is_sharded, unwrap_parallel
 from loraprune.errors import LoraPruneError
+from loraprune.importance.activation_gradient import ActivationGradientScores
 from loraprune.importance.lora_guided import LoraGuidedCriterion, lora_layer
 from loraprune.masking import MaskHooks
 from loraprune.model_pruning.config import LoRAPruneConfig
@@ -124,7 +126,9 @@ class ModelPruner:
         )
         self.schedule = CubicSchedule.from_fractions(total_steps, self.config.warmup, self.config.cooldown)
         self.scored = [f for f in self.families if f.layer in self.prunable and self.budget.of(f.kind) > 0]
-        self.criterion = LoraGuidedCriterion(adapter, second_order=self.config.second_order)
+        self.criterion = LoraGuidedCriterion(
+            adapter, second_order=self.config.second_order, normalisation=self.config.normalisation
+        )
         self.criterion.check_families(model, self.scored)
         self.adapter = adapter
         self.masks: Masks = full_masks(self.families)
@@ -135,6 +139,10 @@ class ModelPruner:
         self.history: list[dict[str, Any]] = []
         self._pruned_slices: list[_Slice] = []
         self._hooks: MaskHooks | None = MaskHooks(model, self.families, self.masks)
+        # installed after the mask hooks, so the scored inputs are the masked ones
+        self.activation_scores: ActivationGradientScores | None = None
+        if self.config.score == "activation":
+            self.activation_scores = ActivationGradientScores(model, self.scored, self.config.form).install()
 
     # ---- progress -----------------------------------------------------------------------------
 
@@ -160,11 +168,15 @@ class ModelPruner:
         return atom * (len(candidates) if self.target.allocation == "uniform" else 1)
 
     def target_at(self, step: int) -> Budget:
-        """The budget in force after optimizer step `step`: the cubic ramp, rounded down to feasible units."""
+        """The budget in force after optimizer step `step`: the cubic ramp, rounded to the nearest feasible units.
+
+        Rounding to the nearest (not down) lets coarse units, such as one KV group in every
+        layer under uniform allocation, follow the ramp instead of all going at its end.
+        """
 
         def amount(kind: Kind) -> int:
-            unit = self._granularity(kind)
-            return self.schedule.amount(step, self.budget.of(kind)) // unit * unit
+            unit, total = self._granularity(kind), self.budget.of(kind)
+            return min(total, round(self.schedule.amount(step, total) / unit) * unit)
 
         return Budget(attention=amount("attention"), mlp=amount("mlp"))
 
@@ -186,7 +198,12 @@ class ModelPruner:
         """
         if self.finished:
             return False
-        new = self.criterion.gradient_scores(self.model, self.scored, loss_scale)
+        if self.activation_scores is not None:
+            # the activation gradients were taken during the backward pass, before any AMP unscaling
+            power = 2 if self.config.form == "fisher" else 1
+            new = {key: value / loss_scale**power for key, value in self.activation_scores.collect().items()}
+        else:
+            new = self.criterion.gradient_scores(self.model, self.scored, loss_scale)
         bad = [key for key, value in new.items() if not torch.isfinite(value).all()]
         if bad:
             self.skipped_steps += 1
@@ -198,8 +215,12 @@ class ModelPruner:
             return False
         decay = self.config.ema
         for key, value in new.items():
-            # the first observation initialises the average, so early events are not biased towards 0
-            self.scores[key] = value if key not in self.scores else decay * self.scores[key] + (1 - decay) * value
+            if key in self.scores:
+                self.scores[key] = decay * self.scores[key] + (1 - decay) * value
+            elif self.config.ema_start == "zero":  # the official code: S = 0 before the first step
+                self.scores[key] = (1 - decay) * value
+            else:  # the first observation initialises the average, so early events are not biased towards 0
+                self.scores[key] = value
         self.observations += 1
         return True
 
@@ -234,6 +255,8 @@ class ModelPruner:
             "observations": self.observations,
         }
         self.history.append(event)
+        if self.finished:
+            self._stop_scoring()
         logger.info(
             "LoRAPrune step %d: %d attention units and %d MLP channels removed (%.2f%% of decoder params)",
             self.step,
@@ -242,6 +265,16 @@ class ModelPruner:
             100 * event["decoder_sparsity"],
         )
         return event
+
+    def _stop_scoring(self) -> None:
+        if self.activation_scores is not None:
+            self.activation_scores.remove()
+
+    def unmasked(self) -> contextlib.AbstractContextManager:
+        """A context in which the model runs with every unit kept (the dense teacher of self-distillation)."""
+        if self._hooks is None:
+            raise LoraPruneError("this pruner has finished: the pruned units are gone")
+        return self._hooks.suspended()
 
     # ---- masks and LoRA slices --------------------------------------------------------------------
 
@@ -304,6 +337,7 @@ class ModelPruner:
             )
         self._hooks.remove()
         self._hooks = None
+        self._stop_scoring()
         self._pruned_slices = []
         return shrink_model(self.model, self.families, self.masks)
 

@@ -9,6 +9,7 @@ model given the same fine-tuning.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -21,22 +22,24 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 
 from loraprune.config import check
 from loraprune.data import load_text, token_windows
+from loraprune.distillation import Distillation, dense_peft_model
 from loraprune.errors import LoraPruneError
 from loraprune.kbit import full_precision_copy, is_kbit_model
 from loraprune.lora import DEFAULT_TARGET_MODULES, add_lora
+from loraprune.masking import MaskHooks
 from loraprune.model_pruning.callback import LoRAPruneCallback
 from loraprune.model_pruning.config import LoRAPruneConfig
 from loraprune.model_pruning.pruner import ModelPruner, PruningTarget
 from loraprune.run_report.record import loss_history
 from loraprune.shrink import shrink_model
-from loraprune.structure import Masks
+from loraprune.structure import GroupFamily, Masks
 from loraprune.training import TrainingConfig, train
 
 #: sub-directory of a saved model that holds its LoRA adapter when it is not merged
 ADAPTER_DIR = "adapter"
 
 #: the methods of `loraprune prune-model`: LoRAPrune, and the one-shot criteria it is compared with
-METHODS = ("loraprune", "taylor", "wanda-sp", "magnitude", "random")
+METHODS = ("loraprune", "taylor", "activation", "wanda-sp", "magnitude", "random")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,9 @@ class LoraSettings:
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
+    #: weight and temperature of the KL term to the unpruned model (0: plain language-modelling loss)
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
 
     @classmethod
     def of_run(cls, config: Any, **extra: Any) -> LoraSettings:
@@ -66,6 +72,11 @@ class LoraSettings:
             learning_rate=config.learning_rate,
             batch_size=config.batch_size,
             seed=config.seed,
+            **{
+                name: getattr(config, name)
+                for name in ("distill_weight", "distill_temperature")
+                if hasattr(config, name)
+            },
             **extra,
         )
 
@@ -110,12 +121,33 @@ def train_lora(
     windows: list[dict[str, torch.Tensor]],
     settings: LoraSettings,
     callbacks: tuple[TrainerCallback, ...] = (),
+    unmasked: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> LoraRun:
-    """Wrap `model` in a fresh LoRA adapter and train it for `settings.steps` optimizer steps."""
+    """Wrap `model` in a fresh LoRA adapter and train it for `settings.steps` optimizer steps.
+
+    With `settings.distill_weight` the loss gets a KL term to the dense model: `model` must
+    then be masked, not shrunk, and `unmasked()` a context in which the masks are off.
+    """
     torch.manual_seed(settings.seed)  # adapter initialisation, identical across methods
     peft_model = add_lora(model, settings.rank, settings.alpha, settings.target_modules)
+    distillation = None
+    if settings.distill_weight > 0:
+        if unmasked is None:
+            raise LoraPruneError("distillation needs the masked (not yet shrunk) model and a way to unmask it")
+        distillation = Distillation(
+            settings.distill_weight,
+            settings.distill_temperature,
+            dense_context=lambda: dense_peft_model(peft_model, unmasked),
+        )
     started = time.perf_counter()
-    history = train(peft_model, windows, default_data_collator, settings.training_config(), callbacks=callbacks)
+    history = train(
+        peft_model,
+        windows,
+        default_data_collator,
+        settings.training_config(),
+        callbacks=callbacks,
+        distillation=distillation,
+    )
     seconds = time.perf_counter() - started
     peft_model.eval()
     losses = loss_history(history)
@@ -126,6 +158,8 @@ def train_lora(
         "learning_rate": settings.learning_rate,
         "batch_size": settings.batch_size,
         "seed": settings.seed,
+        "distill_weight": settings.distill_weight,
+        "distill_temperature": settings.distill_temperature,
         "train_seconds": seconds,
         "first_logged_loss": losses[0]["loss"] if losses else None,
         "last_logged_loss": losses[-1]["loss"] if losses else None,
@@ -155,7 +189,7 @@ def loraprune(
             "full_precision_base, a function that loads the same checkpoint in full precision"
         )
     callback = LoRAPruneCallback(target, config)
-    run = train_lora(model, windows, settings, callbacks=(callback,))
+    run = train_lora(model, windows, settings, callbacks=(callback,), unmasked=lambda: callback.pruner.unmasked())
     pruner = callback.pruner
     masks = pruner.masks
     if is_kbit_model(run.model):
@@ -172,6 +206,31 @@ def loraprune(
         "schedule": dataclasses.asdict(pruner.schedule),
     }
     return run, masks
+
+
+def recover(
+    model: PreTrainedModel,
+    families: list[GroupFamily],
+    masks: Masks,
+    windows: list[dict[str, torch.Tensor]] | None,
+    settings: LoraSettings,
+) -> LoraRun | None:
+    """Shrink a one-shot-pruned `model` to `masks` and fine-tune LoRA on it (None when `settings.steps` is 0).
+
+    With distillation the recovery trains under the masks, so that the dense teacher is the
+    same weights unmasked, and the model and its adapter are shrunk afterwards; without it the
+    model is shrunk first (the same training, on smaller matrices).
+    """
+    if not settings.steps or windows is None:
+        shrink_model(model, families, masks)
+        return None
+    if settings.distill_weight <= 0:
+        shrink_model(model, families, masks)
+        return train_lora(model, windows, settings)
+    with MaskHooks(model, families, masks) as hooks:
+        run = train_lora(model, windows, settings, unmasked=hooks.suspended)
+    shrink_model(run.model, families, masks)
+    return run
 
 
 def split_adapter(peft_model: PeftModel, directory: str) -> PreTrainedModel:
