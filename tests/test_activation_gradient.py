@@ -37,7 +37,7 @@ def _per_window_derivatives(model, families, batch: torch.Tensor) -> dict[str, t
         for family in families:
             slicing = input_side(family)
 
-            def hook(_m, args, family=family, slicing=slicing):
+            def hook(_m, args, family=family, slicing=slicing, scales=scales):
                 scale = scales[family.key].repeat_interleave(slicing.block).to(args[0].dtype)
                 return (args[0] * scale, *args[1:])
 

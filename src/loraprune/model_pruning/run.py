@@ -42,6 +42,10 @@ ADAPTER_DIR = "adapter"
 METHODS = ("loraprune", "taylor", "activation", "wanda-sp", "magnitude", "random")
 
 
+#: the distillation settings of a run config (prune-model has them, prune-nm trains without a teacher)
+DISTILL_FIELDS = ("distill_weight", "distill_temperature")
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """The LoRA fine-tuning every method of a comparison shares."""
