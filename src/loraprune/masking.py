@@ -8,6 +8,7 @@ LoRA-wrapped layers, because the hook sits in front of the whole layer (base and
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from loraprune.structure import GroupFamily, Masks, unwrap_model
@@ -42,7 +43,9 @@ class MaskHooks:
             cache_key = (family.key, slicing.module, x.device, x.dtype)
             scale = self._cache.get(cache_key)
             if scale is None:
-                scale = family.expand(keep, slicing).to(device=x.device, dtype=x.dtype)
+                scale = torch.ones(x.shape[-1], dtype=x.dtype)
+                scale[family.segment(slicing)] = family.expand(keep, slicing).to(x.dtype)
+                scale = scale.to(x.device)
                 self._cache[cache_key] = scale
             return (x * scale, *args[1:])
 
