@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from loraprune.errors import ConfigError
-from loraprune.remote.modeling_loraprune import PRUNED_CLASSES
+from loraprune.remote.modeling_loraprune import PRUNED_CLASSES, set_layer_widths
 from loraprune.structure.base import ArchitectureAdapter, AttentionUnit, LayerSizes
 from loraprune.structure.groups import GroupFamily, MatrixSlicing
 
@@ -129,11 +129,9 @@ class LlamaFamilyAdapter(ArchitectureAdapter):
         )
 
     def set_layer_sizes(self, model: nn.Module, layer: int, sizes: LayerSizes) -> None:
-        attn = self._layers(model)[layer].self_attn
-        attn.num_key_value_groups = sizes.num_attention_heads // sizes.num_key_value_heads
-        mlp = self._layers(model)[layer].mlp
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = sizes.intermediate_size
+        set_layer_widths(
+            self._layers(model)[layer], sizes.num_attention_heads, sizes.num_key_value_heads, sizes.intermediate_size
+        )
 
     def config_for_sizes(self, model: nn.Module, sizes: list[LayerSizes]) -> tuple[object, bool]:
         """The stock config when every layer has the same widths and the stock config class accepts
