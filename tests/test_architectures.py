@@ -129,7 +129,9 @@ def test_phi3_fused_segments_are_the_split_matrices_of_a_llama(unit):
         torch.testing.assert_close(phi3(tokens).logits, llama(tokens).logits, rtol=0, atol=1e-5)
     phi3_families = get_adapter(phi3).families(phi3, unit)
     llama_families = get_adapter(llama).families(llama, unit)
-    assert [(f.count, f.params_per_unit) for f in phi3_families] == [(f.count, f.params_per_unit) for f in llama_families]
+    assert [(f.count, f.params_per_unit) for f in phi3_families] == [
+        (f.count, f.params_per_unit) for f in llama_families
+    ]
     linear = sum(p.numel() for n, p in phi3.named_parameters() if "proj" in n)
     assert total_params(get_adapter(phi3).families(phi3, "kv_group")) == linear
     for criterion in (MagnitudeCriterion(), TaylorCriterion(batch_size=2)):

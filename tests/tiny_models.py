@@ -36,7 +36,12 @@ ARCHITECTURES = {
 _EXTRAS: dict[str, dict] = {
     "llama": {"attention_bias": True, "mlp_bias": True},
     "qwen3": {"attention_bias": True, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
-    "gemma2": {"attention_bias": True, "sliding_window": 4, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0},
+    "gemma2": {
+        "attention_bias": True,
+        "sliding_window": 4,
+        "attn_logit_softcapping": 2.0,
+        "final_logit_softcapping": 3.0,
+    },
     "gemma3_text": {
         "attention_bias": True,
         "sliding_window": 4,

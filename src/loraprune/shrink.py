@@ -2,8 +2,9 @@
 
 Shrinking does not care why a unit was chosen. It slices every matrix of every family
 (biases with their rows; LoRA `B` rows and `A` columns with the base weight's rows and
-columns; all segments of a fused matrix in one cut, so their offsets stay valid), updates the layers' head counts, and replaces the model's config by one that
-describes the new widths (stock when every layer has the same widths, per-layer otherwise).
+columns; all segments of a fused matrix in one cut, so that their offsets stay valid),
+updates the layers' head counts, and replaces the model's config by one that describes
+the new widths (stock when every layer has the same widths, per-layer otherwise).
 """
 
 from __future__ import annotations

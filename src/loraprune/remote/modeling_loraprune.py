@@ -61,7 +61,9 @@ def _projection_shapes(
     }
 
 
-def set_layer_widths(layer: nn.Module, num_attention_heads: int, num_key_value_heads: int, intermediate_size: int) -> None:
+def set_layer_widths(
+    layer: nn.Module, num_attention_heads: int, num_key_value_heads: int, intermediate_size: int
+) -> None:
     """Update the attributes (not the weights) through which a decoder layer's code knows its widths."""
     attn, mlp = layer.self_attn, layer.mlp
     attn.num_key_value_groups = num_attention_heads // num_key_value_heads

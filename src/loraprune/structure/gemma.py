@@ -21,12 +21,14 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gem
 
 from loraprune.structure.llama import LlamaFamilyAdapter
 
+STOCK_CLASSES = {
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
+}
+
 
 class GemmaAdapter(LlamaFamilyAdapter):
     """Group families of Gemma 2 and Gemma 3 text decoders."""
 
     model_types = ("gemma2", "gemma3_text", "loraprune_gemma2", "loraprune_gemma3_text")
-    stock_classes = {
-        "gemma2": (Gemma2Config, Gemma2ForCausalLM),
-        "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
-    }
+    stock_classes = STOCK_CLASSES

@@ -24,6 +24,8 @@ from loraprune.structure.base import AttentionUnit, LayerSizes
 from loraprune.structure.groups import MatrixSlicing
 from loraprune.structure.llama import LlamaFamilyAdapter
 
+STOCK_CLASSES = {"phi3": (Phi3Config, Phi3ForCausalLM)}
+
 
 def _base(module: nn.Module) -> nn.Module:
     return getattr(module, "base_layer", module)  # PEFT-wrapped layers keep the frozen one inside
@@ -33,7 +35,7 @@ class Phi3Adapter(LlamaFamilyAdapter):
     """Group families of Phi-3 decoders (`qkv_proj` and `gate_up_proj` fused)."""
 
     model_types = ("phi3", "loraprune_phi3")
-    stock_classes = {"phi3": (Phi3Config, Phi3ForCausalLM)}
+    stock_classes = STOCK_CLASSES
 
     def _layer_widths(self, layer: nn.Module) -> LayerSizes:
         attn = layer.self_attn

@@ -12,9 +12,11 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from loraprune.structure.llama import LlamaFamilyAdapter
 
+STOCK_CLASSES = {"qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+
 
 class Qwen3Adapter(LlamaFamilyAdapter):
     """Group families of Qwen3 (dense) decoders; Qwen3-MoE is not covered."""
 
     model_types = ("qwen3", "loraprune_qwen3")
-    stock_classes = {"qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+    stock_classes = STOCK_CLASSES
