@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
 from loraprune.cli import main
 from loraprune.importance.magnitude import MagnitudeCriterion
@@ -55,6 +55,50 @@ def test_uniform_save_is_the_stock_architecture(arch, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     assert type(reloaded) is stock_model and type(reloaded.config) is stock_config
     tokens = token_batch()
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
+
+
+def _longrope_phi3() -> Phi3ForCausalLM:
+    """A tiny Phi-3 with LongRoPE, whose per-head factor lists (head_dim / 2 long) stock Phi-3 checks
+    against `hidden_size // num_attention_heads`, as in Phi-3-mini-128k, Phi-3.5-mini and Phi-4-mini."""
+    config = Phi3Config(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        max_position_embeddings=64,
+        original_max_position_embeddings=8,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0, 1.1, 1.2, 1.3],
+            "long_factor": [2.0, 2.5, 3.0, 3.5],
+        },
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    return Phi3ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("model_of", [lambda: tiny_model("gemma2", heads=6, kv_heads=6), _longrope_phi3])
+def test_uniform_widths_the_stock_config_refuses_are_saved_per_layer(model_of, tmp_path):
+    model = model_of()  # Gemma 2: 48 / 5 heads; Phi-3: LongRoPE factors sized by 48 // 4 heads
+    families = get_adapter(model).families(model)
+    masks = full_masks(families)
+    for family in families:
+        if family.kind == "attention":
+            masks[family.key][1] = False
+    shrink_model(model, families, masks)
+    assert save_pruned_model(model, None, tmp_path / "out") is False
+    tokens = token_batch(length=16)  # past original_max_position_embeddings: the long factors act
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    assert type(reloaded).__name__.startswith("LoraPruned")
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
 
