@@ -105,10 +105,20 @@ def test_uniform_widths_the_stock_config_refuses_are_saved_per_layer(model_of, t
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
 def test_gemma_extras_survive_pruning(arch):
-    model = tiny_model(arch, heads=6, kv_heads=3)
+    model = tiny_model(arch, heads=6, kv_heads=3, head_dim=12)  # 6 heads of 12 on a hidden size of 48, as Gemma
     before = model.config.to_dict()
-    _drop_one_group_and_channels(model)
+    tokens = token_batch()
+    families = get_adapter(model).families(model)
+    masks = full_masks(families)
+    masks["layers.0.attention"][1] = False
+    masks["layers.1.mlp"][:5] = False
+    with torch.no_grad(), MaskHooks(model, families, masks):
+        masked = model(tokens).logits
+    shrink_model(model, families, masks)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, masked, rtol=0, atol=1e-5)
     after = model.config.to_dict()
+    assert after["head_dim"] == 12 and model.model.layers[0].self_attn.q_proj.out_features == 4 * 12
     for key in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "sliding_window"):
         assert after[key] == before[key]
     assert after["layer_types"] == ["sliding_attention", "full_attention"] == before["layer_types"]
