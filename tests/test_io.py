@@ -16,7 +16,7 @@ import loraprune  # noqa: F401  (registers the per-layer-width classes)
 from loraprune.io import OutputExistsError, atomic_directory, save_pruned_model, write_json
 from loraprune.shrink import shrink_model
 from loraprune.structure import full_masks, get_adapter
-from tiny_models import tiny_model, token_batch
+from tiny_models import ARCHITECTURES, tiny_model, token_batch
 
 # Runs in a fresh interpreter in which `import loraprune` fails, as on a machine without it.
 LOAD_WITHOUT_LORAPRUNE = textwrap.dedent(
@@ -95,7 +95,7 @@ def test_uniform_model_saves_stock_config_and_loads_without_loraprune(tmp_path):
     assert torch.equal(loaded, expected)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_per_layer_model_loads_with_loraprune_and_with_remote_code(tmp_path, arch):
     model = _prune(tiny_model(arch, heads=6, kv_heads=3, layers=3), "kv_group", [0, 5, 11])
     assert save_pruned_model(model, None, tmp_path / "out") is False

@@ -89,7 +89,9 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path, tiny_tokeni
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=128)).save_pretrained(gpt2)
     tiny_tokenizer.save_pretrained(gpt2)
-    _expect_user_error(capsys, _prune(gpt2, tmp_path / "o"), "'gpt2' is not supported", "llama, mistral, qwen2")
+    _expect_user_error(
+        capsys, _prune(gpt2, tmp_path / "o"), "'gpt2' is not supported", "llama, mistral, phi3, qwen2, qwen3"
+    )
     assert not (tmp_path / "o").exists()
 
 

@@ -1,4 +1,4 @@
-"""Groups, masking and physical shrinking on tiny random Llama / Mistral / Qwen2 models."""
+"""Groups, masking and physical shrinking on tiny random models of every supported architecture."""
 
 from __future__ import annotations
 
@@ -23,6 +23,15 @@ CASES = [  # (architecture, query heads, kv heads, attention unit)
     ("mistral", 6, 3, "query_head"),
     ("qwen2", 6, 2, "kv_group"),
     ("qwen2", 4, 2, "query_head"),
+    ("qwen3", 6, 2, "kv_group"),
+    ("qwen3", 4, 2, "query_head"),
+    ("gemma2", 6, 3, "kv_group"),
+    ("gemma2", 4, 2, "query_head"),
+    ("gemma3_text", 6, 2, "kv_group"),
+    ("gemma3_text", 6, 3, "query_head"),
+    ("phi3", 4, 4, "head"),
+    ("phi3", 6, 2, "kv_group"),
+    ("phi3", 6, 2, "query_head"),
 ]
 
 
@@ -137,7 +146,7 @@ def test_head_unit_is_rejected_for_gqa():
 
 def test_unsupported_architecture_names_the_supported_ones():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
-    with pytest.raises(UnsupportedArchitectureError, match="llama, mistral, qwen2"):
+    with pytest.raises(UnsupportedArchitectureError, match="gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3"):
         get_adapter(model)
 
 

@@ -3,12 +3,53 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
+    "phi3": (Phi3Config, Phi3ForCausalLM),
+}
+
+# Settings that make each architecture's peculiarities act on a 12-token batch: biases where it
+# can have them, a sliding window shorter than the batch, soft-capping; Phi-3's default special
+# token ids lie outside the tiny vocabulary.
+_EXTRAS: dict[str, dict] = {
+    "llama": {"attention_bias": True, "mlp_bias": True},
+    "qwen3": {"attention_bias": True, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    "gemma2": {
+        "attention_bias": True,
+        "sliding_window": 4,
+        "attn_logit_softcapping": 2.0,
+        "final_logit_softcapping": 3.0,
+    },
+    "gemma3_text": {
+        "attention_bias": True,
+        "sliding_window": 4,
+        "sliding_window_pattern": 2,  # every second layer attends globally
+        "attn_logit_softcapping": 2.0,
+        "final_logit_softcapping": 3.0,
+    },
+    "phi3": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
 }
 
 
@@ -38,7 +79,7 @@ def tiny_model(
         max_position_embeddings=64,
         tie_word_embeddings=tie,
         attn_implementation="eager",
-        **({"attention_bias": True, "mlp_bias": True} if arch == "llama" else {}),
+        **_EXTRAS.get(arch, {}),
     )
     torch.manual_seed(seed)
     model = model_class(config).eval()

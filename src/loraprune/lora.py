@@ -14,8 +14,19 @@ from transformers import PreTrainedModel
 
 from loraprune.config import check
 
-# All seven linear projections of a Llama-family decoder block (attention and gated MLP).
-DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Every linear projection of a decoder block of the supported architectures: the seven of Llama-family
+# blocks (attention and gated MLP), and Phi-3's fused qkv_proj and gate_up_proj (names a model lacks match nothing).
+DEFAULT_TARGET_MODULES: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "qkv_proj",
+    "gate_up_proj",
+)
 
 
 def add_lora(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from loraprune.structure import GroupFamily, Masks, unwrap_model
@@ -45,7 +46,9 @@ class MaskHooks:
             cache_key = (family.key, slicing.module, x.device, x.dtype)
             scale = self._cache.get(cache_key)
             if scale is None:
-                scale = family.expand(keep, slicing).to(device=x.device, dtype=x.dtype)
+                scale = torch.ones(x.shape[-1], dtype=x.dtype)
+                scale[family.segment(slicing)] = family.expand(keep, slicing).to(x.dtype)
+                scale = scale.to(x.device)
                 self._cache[cache_key] = scale
             return (x * scale, *args[1:])
 

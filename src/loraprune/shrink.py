@@ -2,8 +2,9 @@
 
 Shrinking does not care why a unit was chosen. It slices every matrix of every family
 (biases with their rows; LoRA `B` rows and `A` columns with the base weight's rows and
-columns), updates the layers' head counts, and replaces the model's config by one that
-describes the new widths (stock when every layer has the same widths, per-layer otherwise).
+columns; all segments of a fused matrix in one cut, so that their offsets stay valid),
+updates the layers' head counts, and replaces the model's config by one that describes
+the new widths (stock when every layer has the same widths, per-layer otherwise).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def shrink_model(model: nn.Module, families: list[GroupFamily], masks: Masks) ->
             "checkpoint in full precision, copy the LoRA adapter onto it (loraprune.kbit.full_precision_copy) and "
             "shrink that copy with the same families and masks (loraprune prune-model --quantize does this)"
         )
+    removed: dict[tuple[str, int], list[torch.Tensor]] = {}
     for family in families:
         keep = masks.get(family.key)
         if keep is None or bool(keep.all()):
@@ -71,7 +73,12 @@ def shrink_model(model: nn.Module, families: list[GroupFamily], masks: Masks) ->
         if not family.is_feasible(keep):
             raise LoraPruneError(f"mask for {family.key} breaks the {family.unit} constraints: {keep.tolist()}")
         for slicing in family.matrices:
-            _slice_module_(root.get_submodule(slicing.module), family.index_of(keep, slicing), slicing.dim)
+            removed.setdefault((slicing.module, slicing.dim), []).append(family.index_of(~keep, slicing))
+    for (name, dim), parts in removed.items():
+        module = root.get_submodule(name)
+        kept = torch.ones(getattr(module, "base_layer", module).weight.shape[dim], dtype=torch.bool)
+        kept[torch.cat(parts)] = False
+        _slice_module_(module, torch.nonzero(kept).flatten(), dim)
     sizes = adapter.layer_sizes(root)
     for layer, layer_sizes in enumerate(sizes):
         adapter.set_layer_sizes(root, layer, layer_sizes)

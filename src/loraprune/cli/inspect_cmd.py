@@ -8,11 +8,15 @@ from loraprune.config import ATTENTION_UNITS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from loraprune.structure import supported_model_types
+
     parser = subparsers.add_parser(
         "inspect",
         help="list the prunable groups of a model",
         description="Print, for every decoder layer, its attention groups and MLP channels with their "
-        "parameter counts, and the model's totals.",
+        "parameter counts, and the model's totals. Supported model types: "
+        f"{', '.join(supported_model_types())} (config.json's model_type; Gemma 3 as its text model "
+        "Gemma3ForCausalLM; SmolLM2 is a Llama).",
     )
     parser.add_argument(
         "--model", default="smollm2-135m", help="local directory, hub id or 'smollm2-135m' (default: %(default)s)"

@@ -28,18 +28,20 @@ class Criterion(ABC):
 def unit_scores(
     family: GroupFamily, slicing: MatrixSlicing, element: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Sum per-element importance of one matrix (and its row bias) over each unit's block.
+    """Sum per-element importance of one matrix (and its row bias) over each unit's block
+    (within the family's segment of the matrix: all of it unless the matrix is fused).
 
     A sharded `element` (FSDP2: a DTensor of local rows) is summed locally, then its row or
     column sums are gathered whole, so every rank gets the same unit scores.
     """
     element = element.float()
     if slicing.dim == 0:
-        rows = element.sum(dim=1)
+        lines = element.sum(dim=1)
         if bias is not None:
-            rows = rows + bias.float()
-        return full_tensor(rows).view(family.count, slicing.block).sum(dim=1)
-    return full_tensor(element.sum(dim=0)).view(family.count, slicing.block).sum(dim=1)
+            lines = lines + bias.float()
+    else:
+        lines = element.sum(dim=0)
+    return full_tensor(lines)[family.segment(slicing)].reshape(family.count, slicing.block).sum(dim=1)
 
 
 def normalised_sum(per_matrix: list[torch.Tensor]) -> torch.Tensor:

@@ -120,7 +120,7 @@ class LoraGuidedCriterion(Criterion):
                 names = ", ".join(m.module.rsplit(".", 1)[-1] for m in family.matrices)
                 raise LoraPruneError(
                     f"{family.key} has no LoRA adapter {self.adapter!r} on any of its matrices ({names}); add LoRA "
-                    "to them (loraprune.lora.DEFAULT_TARGET_MODULES covers all seven projections) or exclude that "
+                    "to them (loraprune.lora.DEFAULT_TARGET_MODULES covers every projection) or exclude that "
                     "kind or layer from pruning"
                 )
 

@@ -70,6 +70,7 @@ class TaylorCriterion(Criterion):
                 if slicing.dim == 0 and linear.bias is not None:
                     bias = (linear.bias.float() * linear.bias.grad.float()).abs_()
                 total += unit_scores(family, slicing, element, bias).cpu()
-                linear.weight.grad = None
+            for slicing in family.matrices:  # after the family: a fused matrix serves several slicings
+                linears[slicing.module].weight.grad = None
             scores[family.key] = total
         return scores

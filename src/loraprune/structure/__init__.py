@@ -6,10 +6,13 @@ from torch import nn
 
 from loraprune.errors import LoraPruneError
 from loraprune.structure.base import ArchitectureAdapter, AttentionUnit, LayerSizes
+from loraprune.structure.gemma import GemmaAdapter
 from loraprune.structure.groups import GroupFamily, Masks, MatrixSlicing, full_masks
 from loraprune.structure.llama import LlamaFamilyAdapter
+from loraprune.structure.phi3 import Phi3Adapter
+from loraprune.structure.qwen3 import Qwen3Adapter
 
-ADAPTERS: tuple[ArchitectureAdapter, ...] = (LlamaFamilyAdapter(),)
+ADAPTERS: tuple[ArchitectureAdapter, ...] = (LlamaFamilyAdapter(), Qwen3Adapter(), GemmaAdapter(), Phi3Adapter())
 
 
 class UnsupportedArchitectureError(LoraPruneError):

@@ -2,8 +2,10 @@
 
 All units of one kind in one decoder layer form a `GroupFamily` (the 3 KV groups of
 layer 5, or its 1,536 MLP channels). Unit `u` of a family owns the block
-`[u·block, (u+1)·block)` of rows (dim 0, biases included) or columns (dim 1) of each
-of the family's matrices. Groups know nothing about how they are scored or chosen.
+`[offset + u·block, offset + (u+1)·block)` of rows (dim 0, biases included) or columns
+(dim 1) of each of the family's matrix slicings. The offset is 0 for a matrix of its own;
+a fused matrix (Phi-3's `qkv_proj`, `gate_up_proj`) appears once per segment, each with
+the offset where that segment starts. Groups know nothing about how they are scored or chosen.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ Masks = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class MatrixSlicing:
-    """The part of one linear layer that a unit owns: `block` rows (dim 0) or columns (dim 1)."""
+    """The part of one linear layer that a unit owns: `block` rows (dim 0) or columns (dim 1),
+    counted from row (column) `offset`, where the family's segment of a fused matrix starts."""
 
     module: str
     dim: int
     block: int
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,14 +58,18 @@ class GroupFamily:
         """KV group of each query-head unit (only for `query_head` families)."""
         return unit_index // self.units_per_kv
 
+    def segment(self, slicing: MatrixSlicing) -> slice:
+        """The rows (or columns) of `slicing`'s matrix that the family's units own together."""
+        return slice(slicing.offset, slicing.offset + self.count * slicing.block)
+
     def index_of(self, keep: torch.Tensor, slicing: MatrixSlicing) -> torch.Tensor:
         """Row or column indices of `slicing`'s matrix that the kept units own."""
         units = torch.nonzero(keep, as_tuple=False).flatten()
         offsets = torch.arange(slicing.block)
-        return (units[:, None] * slicing.block + offsets[None, :]).flatten()
+        return (slicing.offset + units[:, None] * slicing.block + offsets[None, :]).flatten()
 
     def expand(self, keep: torch.Tensor, slicing: MatrixSlicing) -> torch.Tensor:
-        """Per-row (or per-column) keep mask of `slicing`'s matrix."""
+        """Per-row (or per-column) keep mask of the family's segment of `slicing`'s matrix."""
         return keep.repeat_interleave(slicing.block)
 
     def min_kept(self) -> int:

@@ -7,6 +7,7 @@ rows they belong to and are sliced with them.
 
 from __future__ import annotations
 
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from torch import nn
 from transformers import (
     LlamaConfig,
@@ -18,7 +19,7 @@ from transformers import (
 )
 
 from loraprune.errors import ConfigError
-from loraprune.remote.modeling_loraprune import PRUNED_CLASSES
+from loraprune.remote.modeling_loraprune import PRUNED_CLASSES, set_layer_widths
 from loraprune.structure.base import ArchitectureAdapter, AttentionUnit, LayerSizes
 from loraprune.structure.groups import GroupFamily, MatrixSlicing
 
@@ -38,26 +39,31 @@ def _linear_params(module: nn.Module, dim: int) -> int:
 
 
 class LlamaFamilyAdapter(ArchitectureAdapter):
-    """Group families of Llama-family decoders, MHA and GQA alike."""
+    """Group families of Llama-family decoders, MHA and GQA alike.
+
+    Subclasses for related architectures (`qwen3.py`, `gemma.py`, `phi3.py`) set `model_types`
+    and `stock_classes`, and override the `_…_matrices` / `_layer_widths` hooks where their
+    projections differ.
+    """
 
     model_types = ("llama", "mistral", "qwen2", "loraprune_llama", "loraprune_mistral", "loraprune_qwen2")
+    #: source `model_type` -> (stock config class, stock causal-LM class)
+    stock_classes: dict[str, tuple[type, type]] = STOCK_CLASSES
 
     def _layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
 
+    def _layer_widths(self, layer: nn.Module) -> LayerSizes:
+        """The widths of one decoder layer, read off its projections."""
+        attn = layer.self_attn
+        return LayerSizes(
+            num_attention_heads=_out_features(attn.q_proj) // attn.head_dim,
+            num_key_value_heads=_out_features(attn.k_proj) // attn.head_dim,
+            intermediate_size=_out_features(layer.mlp.up_proj),
+        )
+
     def layer_sizes(self, model: nn.Module) -> list[LayerSizes]:
-        sizes = []
-        for layer in self._layers(model):
-            attn = layer.self_attn
-            head_dim = attn.head_dim
-            sizes.append(
-                LayerSizes(
-                    num_attention_heads=_out_features(attn.q_proj) // head_dim,
-                    num_key_value_heads=_out_features(attn.k_proj) // head_dim,
-                    intermediate_size=_out_features(layer.mlp.up_proj),
-                )
-            )
-        return sizes
+        return [self._layer_widths(layer) for layer in self._layers(model)]
 
     def families(self, model: nn.Module, attention_unit: AttentionUnit = "auto") -> list[GroupFamily]:
         families: list[GroupFamily] = []
@@ -66,9 +72,31 @@ class LlamaFamilyAdapter(ArchitectureAdapter):
             families.append(self._mlp_family(index, layer, sizes))
         return families
 
+    def _attention_matrices(
+        self, prefix: str, sizes: LayerSizes, head_dim: int, unit: AttentionUnit
+    ) -> tuple[MatrixSlicing, ...]:
+        """The slicings of one attention unit: a query head, or a KV group (one k/v head with its
+        query heads, which is a head under MHA)."""
+        d = head_dim
+        if unit == "query_head":
+            return MatrixSlicing(prefix + "q_proj", 0, d), MatrixSlicing(prefix + "o_proj", 1, d)
+        per_kv = sizes.num_attention_heads // sizes.num_key_value_heads
+        return (
+            MatrixSlicing(prefix + "q_proj", 0, d * per_kv),
+            MatrixSlicing(prefix + "k_proj", 0, d),
+            MatrixSlicing(prefix + "v_proj", 0, d),
+            MatrixSlicing(prefix + "o_proj", 1, d * per_kv),
+        )
+
+    def _mlp_matrices(self, prefix: str, sizes: LayerSizes) -> tuple[MatrixSlicing, ...]:
+        """The slicings of one MLP channel: its gate and up rows and its down column."""
+        return (
+            MatrixSlicing(prefix + "gate_proj", 0, 1),
+            MatrixSlicing(prefix + "up_proj", 0, 1),
+            MatrixSlicing(prefix + "down_proj", 1, 1),
+        )
+
     def _attention_family(self, index: int, layer: nn.Module, sizes: LayerSizes, unit: AttentionUnit) -> GroupFamily:
-        attn = layer.self_attn
-        d = attn.head_dim
         per_kv = sizes.num_attention_heads // sizes.num_key_value_heads
         if unit == "auto":
             unit = "head" if per_kv == 1 else "kv_group"
@@ -78,68 +106,47 @@ class LlamaFamilyAdapter(ArchitectureAdapter):
                 f"{sizes.num_key_value_heads} key/value heads): choose the attention unit 'kv_group' or "
                 "'query_head', not 'head'"
             )
-        prefix = f"model.layers.{index}.self_attn."
-        if unit == "query_head":
-            rows = (MatrixSlicing(prefix + "q_proj", 0, d),)
-            cols = (MatrixSlicing(prefix + "o_proj", 1, d),)
-            count = sizes.num_attention_heads
-        else:  # a head (MHA) or a whole KV group: one k/v head with its query heads
-            rows = (
-                MatrixSlicing(prefix + "q_proj", 0, d * per_kv),
-                MatrixSlicing(prefix + "k_proj", 0, d),
-                MatrixSlicing(prefix + "v_proj", 0, d),
-            )
-            cols = (MatrixSlicing(prefix + "o_proj", 1, d * per_kv),)
-            count = sizes.num_key_value_heads
-        matrices = rows + cols
-        params = sum(m.block * _linear_params(_get(layer, m.module, index), m.dim) for m in matrices)
+        matrices = self._attention_matrices(f"model.layers.{index}.self_attn.", sizes, layer.self_attn.head_dim, unit)
         return GroupFamily(
             layer=index,
             kind="attention",
             unit=unit,
-            count=count,
+            count=sizes.num_attention_heads if unit == "query_head" else sizes.num_key_value_heads,
             matrices=matrices,
-            params_per_unit=params,
+            params_per_unit=_params_per_unit(layer, matrices, index),
             units_per_kv=per_kv if unit == "query_head" else 0,
         )
 
     def _mlp_family(self, index: int, layer: nn.Module, sizes: LayerSizes) -> GroupFamily:
-        prefix = f"model.layers.{index}.mlp."
-        matrices = (
-            MatrixSlicing(prefix + "gate_proj", 0, 1),
-            MatrixSlicing(prefix + "up_proj", 0, 1),
-            MatrixSlicing(prefix + "down_proj", 1, 1),
-        )
-        params = sum(_linear_params(_get(layer, m.module, index), m.dim) for m in matrices)
+        matrices = self._mlp_matrices(f"model.layers.{index}.mlp.", sizes)
         return GroupFamily(
             layer=index,
             kind="mlp",
             unit="channel",
             count=sizes.intermediate_size,
             matrices=matrices,
-            params_per_unit=params,
+            params_per_unit=_params_per_unit(layer, matrices, index),
         )
 
     def set_layer_sizes(self, model: nn.Module, layer: int, sizes: LayerSizes) -> None:
-        attn = self._layers(model)[layer].self_attn
-        attn.num_key_value_groups = sizes.num_attention_heads // sizes.num_key_value_heads
-        mlp = self._layers(model)[layer].mlp
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = sizes.intermediate_size
+        set_layer_widths(
+            self._layers(model)[layer], sizes.num_attention_heads, sizes.num_key_value_heads, sizes.intermediate_size
+        )
 
     def config_for_sizes(self, model: nn.Module, sizes: list[LayerSizes]) -> tuple[object, bool]:
+        """The stock config when every layer has the same widths and the stock config class accepts
+        them (a stock Llama insists that `hidden_size` divides by the head count), else the per-layer one."""
         source_type = model.config.model_type.removeprefix("loraprune_")
         values = model.config.to_dict()
         for key in ("model_type", "layer_sizes", "auto_map", "architectures", "transformers_version"):
             values.pop(key, None)
         values["head_dim"] = self._layers(model)[0].self_attn.head_dim
-        uniform = all(s == sizes[0] for s in sizes)
-        # Stock Llama configs insist that hidden_size divides by the head count.
-        stock_accepts = source_type != "llama" or values["hidden_size"] % sizes[0].num_attention_heads == 0
-        if uniform and stock_accepts:
-            stock_config, stock_model = STOCK_CLASSES[source_type]
-            values.update(sizes[0].to_dict(), architectures=[stock_model.__name__])
-            return stock_config(**values), True
+        if all(s == sizes[0] for s in sizes):
+            stock_config, stock_model = self.stock_classes[source_type]
+            try:
+                return stock_config(**{**values, **sizes[0].to_dict()}, architectures=[stock_model.__name__]), True
+            except StrictDataclassClassValidationError:
+                pass  # the stock config validates widths a pruned model need not meet: save per layer
         pruned_config, pruned_model = PRUNED_CLASSES[source_type]
         values.update(
             layer_sizes=[s.to_dict() for s in sizes],
@@ -150,6 +157,11 @@ class LlamaFamilyAdapter(ArchitectureAdapter):
             },
         )
         return pruned_config(**values), False
+
+
+def _params_per_unit(layer: nn.Module, matrices: tuple[MatrixSlicing, ...], index: int) -> int:
+    """Parameters one unit owns: its block of rows (with biases) or columns in each slicing."""
+    return sum(m.block * _linear_params(_get(layer, m.module, index), m.dim) for m in matrices)
 
 
 def _out_features(module: nn.Module) -> int:
