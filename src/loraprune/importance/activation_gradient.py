@@ -88,7 +88,8 @@ class ActivationGradientScores:
         self.remove()
 
     def _forward_hook(self, family: GroupFamily) -> Callable:
-        block = self._slicings[family.key].block
+        slicing = self._slicings[family.key]
+        block, segment = slicing.block, family.segment(slicing)
 
         def hook(_module: nn.Module, args: tuple) -> None:
             h = args[0]
@@ -100,8 +101,8 @@ class ActivationGradientScores:
             def on_grad(grad: torch.Tensor) -> None:
                 value = held.pop()
                 with torch.no_grad(), torch.autocast(device_type=grad.device.type, enabled=False):
-                    per_window = (value.float() * grad.float()).reshape(value.shape[0], -1, value.shape[-1]).sum(1)
-                    per_unit = per_window.view(value.shape[0], family.count, block).sum(-1)
+                    products = (value[..., segment].float() * grad[..., segment].float()).flatten(1, -2)
+                    per_unit = products.sum(1).view(value.shape[0], family.count, block).sum(-1)
                     self._add(family.key, per_unit)
 
             h.register_hook(on_grad)
