@@ -42,56 +42,82 @@ from loraprune.report import environment
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LORAPRUNE_DATA_DIR") or ROOT.parent / "shared" / "data")
 
-#: name -> (prune-model settings, LoRAPrune settings, what it tests). Schedules share the
-#: benchmark's warm-up (10 %); `cooldown` is the share of the steps left for recovery.
+#: the schedules the variants use (`cooldown` is the share of the steps left for recovery after the last event);
+#: the benchmark's own: warm-up and cool-down 10 %, an event every `--prune-every` steps
+PAPER_SCHEDULE: dict[str, Any] = {"warmup": 0.1, "cooldown": 0.1}
+HALF: dict[str, Any] = {"warmup": 0.1, "cooldown": 0.5, "prune_every": 2}
+FIFTH: dict[str, Any] = {"warmup": 0.05, "cooldown": 0.8, "prune_every": 1}
+
+#: name -> (prune-model settings, LoRAPrune settings, what it tests)
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "taylor": ({"method": "taylor"}, {}, "one-shot Taylor (full weight gradients) + recovery"),
     "taylor+kd": ({"method": "taylor", "distill_weight": 1.0}, {}, "Taylor, recovery with self-distillation"),
     "act-oneshot": ({"method": "activation"}, {}, "one-shot activation-gradient Fisher + recovery"),
     "paper": (
         {"method": "loraprune", "allocation": "uniform", "layers": "paper"},
-        {"score": "lora-guided", "normalisation": "matrix", "ema_start": "zero", "second_order": True},
+        {
+            **PAPER_SCHEDULE,
+            "score": "lora-guided",
+            "normalisation": "matrix",
+            "ema_start": "zero",
+            "second_order": True,
+        },
         "the paper's LoRAPrune: per-matrix normalisation, per-layer ranking, official layers, EMA from 0",
     ),
     "lg-matrix": (
         {"method": "loraprune"},
-        {"score": "lora-guided", "normalisation": "matrix"},
+        {**PAPER_SCHEDULE, "score": "lora-guided", "normalisation": "matrix"},
         "LoRA-guided, per-matrix normalisation, global (the old default)",
     ),
     "lg-none": (
         {"method": "loraprune"},
-        {"score": "lora-guided", "normalisation": "none"},
+        {**PAPER_SCHEDULE, "score": "lora-guided", "normalisation": "none"},
         "LoRA-guided, plain sum, global",
     ),
     "lg-none-early": (
         {"method": "loraprune"},
-        {"score": "lora-guided", "normalisation": "none", "cooldown": 0.5, "prune_every": 2},
+        {**HALF, "score": "lora-guided", "normalisation": "none"},
         "LoRA-guided, plain sum, pruning done by mid-run",
     ),
-    "act": ({"method": "loraprune"}, {"score": "activation"}, "activation Fisher while training"),
+    "lg-none-fifth": (
+        {"method": "loraprune"},
+        {**FIFTH, "score": "lora-guided", "normalisation": "none"},
+        "LoRA-guided, plain sum, pruning done by 20 % of the steps",
+    ),
+    "act": ({"method": "loraprune"}, {**PAPER_SCHEDULE, "score": "activation"}, "activation Fisher while training"),
     "act-half": (
         {"method": "loraprune"},
-        {"score": "activation", "cooldown": 0.5, "prune_every": 2},
+        {**HALF, "score": "activation"},
         "activation Fisher, pruning done by mid-run",
     ),
     "act-first-half": (
         {"method": "loraprune"},
-        {"score": "activation", "form": "first-order", "cooldown": 0.5, "prune_every": 2},
+        {**HALF, "score": "activation", "form": "first-order"},
         "activation first-order |sum|, pruning done by mid-run",
     ),
     "act-fifth": (
         {"method": "loraprune"},
-        {"score": "activation", "warmup": 0.05, "cooldown": 0.8, "prune_every": 1},
+        {**FIFTH, "score": "activation"},
         "activation Fisher, pruning done by 20 % of the steps",
+    ),
+    "act-fifth-first": (
+        {"method": "loraprune"},
+        {**FIFTH, "score": "activation", "form": "first-order"},
+        "activation first-order |sum|, pruning done by 20 % of the steps",
+    ),
+    "act-tenth": (
+        {"method": "loraprune"},
+        {"warmup": 0.0, "cooldown": 0.9, "prune_every": 1, "score": "activation"},
+        "activation Fisher, pruning in the first 10 % of the steps",
     ),
     "act-fifth+kd": (
         {"method": "loraprune", "distill_weight": 1.0},
-        {"score": "activation", "warmup": 0.05, "cooldown": 0.8, "prune_every": 1},
+        {**FIFTH, "score": "activation"},
         "activation Fisher by 20 % of the steps, with self-distillation",
     ),
     "act-half+kd": (
         {"method": "loraprune", "distill_weight": 1.0},
-        {"score": "activation", "cooldown": 0.5, "prune_every": 2},
+        {**HALF, "score": "activation"},
         "activation Fisher by mid-run, with self-distillation",
     ),
 }

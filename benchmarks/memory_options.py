@@ -5,7 +5,9 @@ shape, a fresh model is built on the device and the peak memory *above the loade
 (weights, plus the LoRA adapter where there is one) is measured for:
 
 * `lora`       one plain LoRA training step: forward, backward, AdamW step (the reference);
-* `loraprune`  the same step plus LoRAPrune's LoRA-guided scoring (`ModelPruner.observe`);
+* `loraprune`  the same step plus LoRAPrune's default scoring (`ModelPruner.observe`; with the
+               activation-gradient score its hooks run inside the backward pass);
+* `loraprune-lg` the same with the paper's LoRA-guided score (`score="lora-guided"`);
 * `prunedlora` a LoRA step at rank r0 plus PrunedLoRA's statistics and one pruning event;
 * `taylor`     full-gradient Taylor scoring of one batch (gradients of every scored base weight);
 * `wanda-sp`   Wanda-sp scoring of one batch (forward only; checkpointing does not apply).
@@ -52,7 +54,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 from loraprune.importance import get_criterion
 from loraprune.io import write_json
 from loraprune.lora import add_lora
-from loraprune.model_pruning import ModelPruner, PruningTarget
+from loraprune.model_pruning import LoRAPruneConfig, ModelPruner, PruningTarget
 from loraprune.rank_pruning.config import RankPruningConfig
 from loraprune.rank_pruning.pruner import RankPruner
 from loraprune.report import count_parameters, environment
@@ -96,7 +98,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 8192,
     },
 }
-METHODS = ("lora", "loraprune", "prunedlora", "taylor", "wanda-sp")
+METHODS = ("lora", "loraprune", "loraprune-lg", "prunedlora", "taylor", "wanda-sp")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16-weights")
 #: the command-line flags of `loraprune prune-model` that each precision corresponds to
 PRECISION_FLAGS = {
@@ -259,7 +261,7 @@ def run_measurement(spec: Spec, device: torch.device, meter, rank: int, r0: int,
     started = time.perf_counter()
     model = build_model(spec.shape, dtype, device)
     parameters = count_parameters(model)
-    if spec.method in ("lora", "loraprune"):
+    if spec.method in ("lora", "loraprune", "loraprune-lg"):
         model = add_lora(model, rank)
     elif spec.method == "prunedlora":
         model = add_lora(model, r0)
@@ -277,8 +279,9 @@ def run_measurement(spec: Spec, device: torch.device, meter, rank: int, r0: int,
     autocast = _autocast(spec.precision, device)
     if spec.method == "lora":
         _lora_step(model, batch, tracker, autocast)
-    elif spec.method == "loraprune":
-        pruner = ModelPruner(model, 100, PruningTarget(sparsity=0.5))
+    elif spec.method in ("loraprune", "loraprune-lg"):
+        config = LoRAPruneConfig(score="lora-guided") if spec.method == "loraprune-lg" else LoRAPruneConfig()
+        pruner = ModelPruner(model, 100, PruningTarget(sparsity=0.5), config)
         _lora_step(model, batch, tracker, autocast, observe=pruner.observe)
     elif spec.method == "prunedlora":
         steps = (r0 - final_rank) // 2  # two components per module and event, an event every step

@@ -95,7 +95,7 @@ def test_estimate_equals_full_gradient_with_square_orthogonal_a_and_zero_b():
     torch.testing.assert_close(estimated_gradient(a, b, a.grad, b.grad) / s, projection, atol=1e-5, rtol=1e-4)
 
 
-def _hand_scores(model, family, second_order: bool = False) -> torch.Tensor:
+def _hand_scores(model, family, second_order: bool = False, normalise: bool = True) -> torch.Tensor:
     """Group scores of `family` computed directly from the definitions, one matrix at a time."""
     root = unwrap_model(model)
     vectors = []
@@ -114,20 +114,23 @@ def _hand_scores(model, family, second_order: bool = False) -> torch.Tensor:
             per_unit = torch.stack(
                 [importance[:, u * slicing.block : (u + 1) * slicing.block].sum() for u in range(family.count)]
             )
-        vectors.append(per_unit / per_unit.norm())
+        vectors.append(per_unit / per_unit.norm() if normalise else per_unit)
     return sum(vectors)
 
 
 @pytest.mark.parametrize("attention_unit", ["kv_group", "query_head"])
 @pytest.mark.parametrize("second_order", [False, True])
-def test_group_scores_match_direct_computation(attention_unit, second_order):
+@pytest.mark.parametrize("normalisation", ["matrix", "none"])
+def test_group_scores_match_direct_computation(attention_unit, second_order, normalisation):
     model = _randomised_lora()
     _backward(model)
     families = get_adapter(model).families(unwrap_model(model), attention_unit)
-    scores = LoraGuidedCriterion(second_order=second_order).gradient_scores(model, families)
+    criterion = LoraGuidedCriterion(second_order=second_order, normalisation=normalisation)
+    scores = criterion.gradient_scores(model, families)
     assert set(scores) == {f.key for f in families}
     for family in families:
-        torch.testing.assert_close(scores[family.key], _hand_scores(model, family, second_order))
+        want = _hand_scores(model, family, second_order, normalise=normalisation == "matrix")
+        torch.testing.assert_close(scores[family.key], want)
 
 
 def test_element_importance_uses_the_merged_weight():

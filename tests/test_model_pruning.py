@@ -117,6 +117,9 @@ def test_schedule_rounds_to_feasible_units_and_ends_exactly():
         assert amounts == sorted(amounts) and amounts[0] == 0
         assert amounts[pruner.schedule.ramp_end] == pruner.budget.of(kind)
         assert all(a % 3 == 0 for a in amounts)  # uniform over 3 layers: multiples of 3
+    # one KV group in every layer is the smallest step: rounded to the nearest, it follows the ramp
+    attention = [b.attention for b in budgets]
+    assert pruner.budget.attention == 3 and attention.index(3) < pruner.schedule.ramp_end - 5
 
 
 def _custom_loop(model, batches, pruner: ModelPruner, loss_scale: float, accumulation: int = 1):

@@ -102,6 +102,9 @@ def test_parse_layers():
     assert parse_layers("all", 5) == [0, 1, 2, 3, 4]
     assert parse_layers("1-3", 5) == [1, 2, 3]
     assert parse_layers("0,2,3-4", 5) == [0, 2, 3, 4]
+    # the official LoRAPrune code: all but the first 10 % and the last layer
+    assert parse_layers("paper", 30) == list(range(3, 29))
+    assert parse_layers("paper", 12) == list(range(1, 11))
     with pytest.raises(ConfigError, match="do not exist"):
         parse_layers("4-9", 5)
     with pytest.raises(ConfigError, match="must look like"):
