@@ -8,8 +8,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from model_pruning_helpers import COLLATOR, lora_model, token_dataset, training
-from tiny_models import tiny_model
 
 from loraprune.distillation import Distillation
 from loraprune.errors import LoraPruneError
@@ -18,6 +16,8 @@ from loraprune.model_pruning.run import LoraSettings, recover, train_lora
 from loraprune.selection import plan_budget, select
 from loraprune.structure import full_masks, get_adapter
 from loraprune.training import train
+from model_pruning_helpers import COLLATOR, lora_model, token_dataset, training
+from tiny_models import tiny_model
 
 
 def test_kl_term_is_zero_for_the_teacher_itself_and_matches_the_definition():
@@ -83,9 +83,7 @@ def test_one_shot_recovery_with_distillation_trains_masked_then_shrinks(monkeypa
     run = recover(model, families, masks, token_dataset(), settings)
     teacher.assert_dense(dense)
     widths = [(layer.mlp.down_proj.in_features, layer.self_attn.o_proj.in_features) for layer in model.model.layers]
-    kept = [
-        (int(masks[f"layers.{i}.mlp"].sum()), int(masks[f"layers.{i}.attention"].sum()) * 2 * 8) for i in range(3)
-    ]
+    kept = [(int(masks[f"layers.{i}.mlp"].sum()), int(masks[f"layers.{i}.attention"].sum()) * 2 * 8) for i in range(3)]
     assert widths == kept and run.summary["distill_weight"] == 1.0
 
 
