@@ -37,6 +37,7 @@ from loraprune.config import PruneModelConfig
 from loraprune.evaluation.perplexity import evaluate_perplexity
 from loraprune.io import write_json
 from loraprune.model_pruning import LoRAPruneConfig
+from loraprune.model_pruning.presets import PRESETS
 from loraprune.report import environment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,15 +55,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "taylor+kd": ({"method": "taylor", "distill_weight": 1.0}, {}, "Taylor, recovery with self-distillation"),
     "act-oneshot": ({"method": "activation"}, {}, "one-shot activation-gradient Fisher + recovery"),
     "paper": (
-        {"method": "loraprune", "allocation": "uniform", "layers": "paper"},
-        {
-            **PAPER_SCHEDULE,
-            "score": "lora-guided",
-            "normalisation": "matrix",
-            "ema_start": "zero",
-            "second_order": True,
-        },
-        "the paper's LoRAPrune: per-matrix normalisation, per-layer ranking, official layers, EMA from 0",
+        {"method": "loraprune", **PRESETS["paper"].run},
+        PRESETS["paper"].schedule,
+        "--preset paper: the published LoRAPrune (LoRA-guided, per-matrix normalisation, uniform, official layers)",
     ),
     "lg-matrix": (
         {"method": "loraprune"},
