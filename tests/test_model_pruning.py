@@ -152,15 +152,20 @@ def test_custom_loop_with_loss_scale_and_accumulation_matches_plain_loop():
         torch.testing.assert_close(plain.scores[key], scaled.scores[key], rtol=1e-4, atol=1e-6)
 
 
-def test_non_finite_update_is_skipped_with_a_warning(caplog):
+@pytest.mark.parametrize("score", ["lora-guided", "activation"])
+def test_non_finite_update_is_skipped_with_a_warning(caplog, score):
     model = lora_model()
-    pruner = ModelPruner(model, 10, PruningTarget(sparsity=0.3))
+    pruner = ModelPruner(model, 10, PruningTarget(sparsity=0.3), LoRAPruneConfig(score=score))
     ids = token_dataset(count=2)[0]["input_ids"][None]
     model(input_ids=ids, labels=ids).loss.backward()
     assert pruner.observe()
     before = {key: value.clone() for key, value in pruner.scores.items()}
-    layer = unwrap_model(model).model.layers[1].mlp.down_proj
-    layer.lora_A["default"].weight.grad[0, 0] = float("nan")
+    model(input_ids=ids, labels=ids).loss.backward()
+    if score == "lora-guided":
+        layer = unwrap_model(model).model.layers[1].mlp.down_proj
+        layer.lora_A["default"].weight.grad[0, 0] = float("nan")
+    else:
+        pruner.activation_scores._squares["layers.1.mlp"][0] = float("nan")
     with caplog.at_level(logging.WARNING, logger="loraprune"):
         assert not pruner.observe()
     assert "non-finite" in caplog.text and "layers.1.mlp" in caplog.text

@@ -37,7 +37,7 @@ def test_loraprune_api_saves_the_shrunk_merged_model(tiny_model_dir, text_file, 
         eval_data=str(text_file),
         eval_seq_len=16,
     )
-    result = prune_model(config, LoRAPruneConfig(prune_every=2))
+    result = prune_model(config, LoRAPruneConfig(prune_every=2, cooldown=0.1))
     report = result.report
     assert report["sparsity_decoder"] == pytest.approx(0.25, abs=0.01)
     assert report["training"]["steps"] == 8 and report["training"]["loraprune"]["reached_target"]
@@ -121,7 +121,7 @@ def test_unknown_method_lists_the_methods(tiny_model_dir, tmp_path, capsys):
         ]
     )
     assert code == 2
-    assert "loraprune, taylor, wanda-sp, magnitude, random" in capsys.readouterr().err
+    assert "loraprune, taylor, activation, wanda-sp, magnitude, random" in capsys.readouterr().err
 
 
 def test_unmerged_adapter_is_saved_beside_the_shrunk_base(tiny_model_dir, text_file, tmp_path):

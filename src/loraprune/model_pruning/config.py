@@ -18,11 +18,12 @@ EMA_STARTS = ("first", "zero")
 class LoRAPruneConfig:
     """How LoRAPrune prunes while LoRA trains: when, how smoothly, with which score."""
 
-    prune_every: int = option(10, help="optimizer steps between pruning events")
+    prune_every: int = option(2, help="optimizer steps between pruning events (the paper: 10)")
     warmup: float = option(0.1, help="fraction of the steps trained before pruning starts")
     cooldown: float = option(
-        0.1,
-        help="fraction of the steps trained at the final sparsity (recovery after the last pruning event)",
+        0.5,
+        help="fraction of the steps trained at the final sparsity: recovery after the last pruning event "
+        "(the paper: 0.1)",
     )
     ema: float = option(0.9, help="weight of the old score in the moving average S = ema*S + (1-ema)*new")
     ema_start: str = option(
@@ -31,7 +32,7 @@ class LoRAPruneConfig:
         choices=EMA_STARTS,
     )
     score: str = option(
-        "lora-guided",
+        "activation",
         help="'activation': the loss change of removing each unit, from the gradients of the inputs of "
         "o_proj / down_proj that LoRA training computes anyway (no weight gradient); 'lora-guided': the "
         "paper's |G_hat * W| with G_hat = G_B·A + B·G_A from LoRA's gradients",
