@@ -8,6 +8,8 @@ shape, a fresh model is built on the device and the peak memory *above the loade
 * `loraprune`  the same step plus LoRAPrune's default scoring (`ModelPruner.observe`; with the
                activation-gradient score its hooks run inside the backward pass);
 * `loraprune-lg` the same with the paper's LoRA-guided score (`score="lora-guided"`);
+* `loraprune-kd` the default step with self-distillation (`--distill-weight`: a no-grad teacher
+               forward and the KL term);
 * `prunedlora` a LoRA step at rank r0 plus PrunedLoRA's statistics and one pruning event;
 * `taylor`     full-gradient Taylor scoring of one batch (gradients of every scored base weight);
 * `wanda-sp`   Wanda-sp scoring of one batch (forward only; checkpointing does not apply).
@@ -51,6 +53,7 @@ import peft
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
+from loraprune.distillation import Distillation, dense_peft_model
 from loraprune.importance import get_criterion
 from loraprune.io import write_json
 from loraprune.lora import add_lora
@@ -98,7 +101,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 8192,
     },
 }
-METHODS = ("lora", "loraprune", "loraprune-lg", "prunedlora", "taylor", "wanda-sp")
+METHODS = ("lora", "loraprune", "loraprune-lg", "loraprune-kd", "prunedlora", "taylor", "wanda-sp")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16-weights")
 #: the command-line flags of `loraprune prune-model` that each precision corresponds to
 PRECISION_FLAGS = {
@@ -239,12 +242,19 @@ def _lora_step(
     autocast: contextlib.AbstractContextManager,
     observe=None,
     after=None,
+    distillation: Distillation | None = None,
 ) -> None:
     """Forward (under `autocast`, as in `transformers.Trainer`), backward, optional scoring on the
-    gradients, AdamW step, optional post-step work."""
+    gradients, AdamW step, optional post-step work; with `distillation` the loss gets its KL term."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     with autocast:
-        loss = model(input_ids=batch, labels=batch).loss
+        if distillation is None:
+            loss = model(input_ids=batch, labels=batch).loss
+        else:
+            teacher = distillation.teacher_logits(model, {"input_ids": batch})
+            outputs = model(input_ids=batch, labels=batch)
+            loss = outputs.loss + distillation.loss(outputs.logits, teacher, batch)
+            del outputs, teacher
     loss.backward()
     del loss
     if observe is not None:
@@ -261,7 +271,7 @@ def run_measurement(spec: Spec, device: torch.device, meter, rank: int, r0: int,
     started = time.perf_counter()
     model = build_model(spec.shape, dtype, device)
     parameters = count_parameters(model)
-    if spec.method in ("lora", "loraprune", "loraprune-lg"):
+    if spec.method in ("lora", "loraprune", "loraprune-lg", "loraprune-kd"):
         model = add_lora(model, rank)
     elif spec.method == "prunedlora":
         model = add_lora(model, r0)
@@ -279,10 +289,13 @@ def run_measurement(spec: Spec, device: torch.device, meter, rank: int, r0: int,
     autocast = _autocast(spec.precision, device)
     if spec.method == "lora":
         _lora_step(model, batch, tracker, autocast)
-    elif spec.method in ("loraprune", "loraprune-lg"):
+    elif spec.method in ("loraprune", "loraprune-lg", "loraprune-kd"):
         config = LoRAPruneConfig(score="lora-guided") if spec.method == "loraprune-lg" else LoRAPruneConfig()
         pruner = ModelPruner(model, 100, PruningTarget(sparsity=0.5), config)
-        _lora_step(model, batch, tracker, autocast, observe=pruner.observe)
+        distillation = None
+        if spec.method == "loraprune-kd":
+            distillation = Distillation(1.0, 1.0, lambda: dense_peft_model(model, pruner.unmasked))
+        _lora_step(model, batch, tracker, autocast, observe=pruner.observe, distillation=distillation)
     elif spec.method == "prunedlora":
         steps = (r0 - final_rank) // 2  # two components per module and event, an event every step
         config = RankPruningConfig(r0=r0, rank=final_rank, prune_every=1, per_event=2, warmup=0.0, cooldown=0.0)
