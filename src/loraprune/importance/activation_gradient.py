@@ -18,6 +18,9 @@ training computes them anyway (the LoRA layers below need them), and a one-shot 
 them by making only the input embeddings' output require grad. The hooks reduce to one
 number per window and unit inside the backward hook, so nothing per token is kept beyond
 the inputs that autograd holds for the LoRA layers already (with LoRA dropout 0 `h` itself).
+Under gradient checkpointing autograd frees those inputs after the forward pass, but the hooks
+keep each scored input until its gradient arrives: one `o_proj` and one `down_proj` input per
+layer and micro-batch, which checkpointing would otherwise have saved.
 """
 
 from __future__ import annotations
