@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/loraprune inspect | tail -n 2
 	$(BIN)/loraprune prune-model --model smollm2-135m --method loraprune --sparsity 0.2 --steps 20 \
-		--prune-every 4 --eval-data wikitext2 --eval-max-tokens 8192 --output $(DEMO_OUT) --overwrite
+		--eval-data wikitext2 --eval-max-tokens 8192 --output $(DEMO_OUT) --overwrite
 	$(BIN)/loraprune eval --model $(DEMO_OUT) --baseline smollm2-135m --latency --gen-tokens 0 --repeats 5
 	@echo "pruned model: $(DEMO_OUT)   run report: $(DEMO_OUT)/report.html (and report.md)"
 
