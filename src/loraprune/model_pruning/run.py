@@ -76,11 +76,7 @@ class LoraSettings:
             learning_rate=config.learning_rate,
             batch_size=config.batch_size,
             seed=config.seed,
-            **{
-                name: getattr(config, name)
-                for name in ("distill_weight", "distill_temperature")
-                if hasattr(config, name)
-            },
+            **{name: getattr(config, name) for name in DISTILL_FIELDS if hasattr(config, name)},
             **extra,
         )
 
