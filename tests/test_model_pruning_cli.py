@@ -13,6 +13,7 @@ from loraprune.cli import main
 from loraprune.config import PruneModelConfig
 from loraprune.errors import ConfigError
 from loraprune.model_pruning import LoRAPruneConfig
+from loraprune.model_pruning.presets import apply_preset
 from loraprune.models import load_model
 from loraprune.semi_structured.config import PruneNMConfig
 
@@ -206,3 +207,21 @@ def test_prune_model_and_prune_nm_reject_the_same_bad_settings(config_class, set
     arguments = {"output": "out", "method": "loraprune", "steps": 5, **settings}
     with pytest.raises(ConfigError, match=message):
         config_class(**arguments)
+
+
+def test_paper_preset_sets_the_published_method_and_overrides_win():
+    run, schedule = apply_preset("paper", PruneModelConfig(output="out", method="loraprune"), LoRAPruneConfig())
+    assert (run.allocation, run.layers) == ("uniform", "paper")
+    assert (schedule.score, schedule.normalisation, schedule.second_order, schedule.ema_start) == (
+        "lora-guided",
+        "matrix",
+        True,
+        "zero",
+    )
+    assert (schedule.prune_every, schedule.warmup, schedule.cooldown) == (10, 0.1, 0.1)
+    run, schedule = apply_preset(
+        "paper", PruneModelConfig(output="out", method="loraprune"), LoRAPruneConfig(), allocation="global", warmup=0.2
+    )
+    assert run.allocation == "global" and schedule.warmup == 0.2 and schedule.normalisation == "matrix"
+    with pytest.raises(ConfigError, match="unknown preset"):
+        apply_preset("papers", run, schedule)
