@@ -210,7 +210,9 @@ def test_prune_model_and_prune_nm_reject_the_same_bad_settings(config_class, set
 
 
 def test_paper_preset_sets_the_published_method_and_overrides_win():
-    run, schedule = apply_preset("paper", PruneModelConfig(output="out", method="loraprune"), LoRAPruneConfig())
+    run, schedule = apply_preset(
+        "paper", PruneModelConfig(output="out", method="loraprune", steps=10), LoRAPruneConfig()
+    )
     assert (run.allocation, run.layers) == ("uniform", "paper")
     assert (schedule.score, schedule.normalisation, schedule.second_order, schedule.ema_start) == (
         "lora-guided",
@@ -220,7 +222,11 @@ def test_paper_preset_sets_the_published_method_and_overrides_win():
     )
     assert (schedule.prune_every, schedule.warmup, schedule.cooldown) == (10, 0.1, 0.1)
     run, schedule = apply_preset(
-        "paper", PruneModelConfig(output="out", method="loraprune"), LoRAPruneConfig(), allocation="global", warmup=0.2
+        "paper",
+        PruneModelConfig(output="out", method="loraprune", steps=10),
+        LoRAPruneConfig(),
+        allocation="global",
+        warmup=0.2,
     )
     assert run.allocation == "global" and schedule.warmup == 0.2 and schedule.normalisation == "matrix"
     with pytest.raises(ConfigError, match="unknown preset"):
