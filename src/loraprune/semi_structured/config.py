@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loraprune.config import check, check_pruning_run, option
+from loraprune.devices import DEVICE_HELP
 from loraprune.models import DTYPES
 from loraprune.semi_structured.one_shot import ONE_SHOT_METHODS
 from loraprune.semi_structured.pattern import NMPattern
@@ -53,6 +54,7 @@ class PruneNMConfig:
     dtype: str = option("float32", help="dtype to load, prune and save the model in (float32, bfloat16, float16)")
     seed: int = option(0, help="seed for calibration sampling and training")
     overwrite: bool = option(False, help="replace OUTPUT if it exists (the old one stays until the new one is done)")
+    device: str = option("auto", help=DEVICE_HELP)
 
     def __post_init__(self) -> None:
         check_pruning_run(self)
