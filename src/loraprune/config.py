@@ -155,7 +155,9 @@ def read_config_file(path: str | Path, parser: argparse.ArgumentParser) -> dict[
     try:
         source = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(error, 'problem', None) or error}") from error
     source = {} if source is None else source
     check(isinstance(source, dict), f"{path} must be a mapping of option names to values, like 'sparsity: 0.3'")
     actions = _option_actions(parser)
