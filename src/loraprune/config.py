@@ -251,12 +251,16 @@ class PruneModelConfig:
     layers: str = option("all", help="prunable decoder layers, e.g. 'all', '4-27', '0,2,5-7' (ends inclusive)")
     calibration_data: str = option(
         "wikitext2",
-        help="text for data-driven criteria and LoRA training: corpus name or text file",
+        help="text for data-driven criteria and LoRA training: corpus name, text file, or Hugging Face dataset "
+        "ID[:CONFIG[:SPLIT[:COLUMN]]] (e.g. allenai/c4:en:validation:text; default split validation)",
         aliases=("--data",),
     )
     calibration_samples: int = option(16, help="number of calibration windows for one-shot criteria")
     seq_len: int = option(128, help="tokens per calibration / training window")
-    eval_data: str | None = option(None, help="evaluate perplexity before and after on this corpus or text file")
+    eval_data: str | None = option(
+        None,
+        help="evaluate perplexity before and after on this corpus, text file or dataset ID[:CONFIG[:SPLIT[:COLUMN]]]",
+    )
     eval_seq_len: int = option(128, help="window length of the perplexity evaluation")
     eval_max_tokens: int | None = option(None, help="evaluate on the first N tokens only (default: the whole text)")
     dtype: str = option("float32", help="dtype to load and prune the model in (float32, bfloat16, float16)")

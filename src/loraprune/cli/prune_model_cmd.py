@@ -21,12 +21,20 @@ the end); taylor, wanda-sp, magnitude and random prune one-shot on --calibration
 windows and then fine-tune the same LoRA adapter for the same steps (0 = no recovery). The
 LoRA adapter is merged into the shrunk weights.
 
+--device: the whole run (loading, scoring, calibration, training, perplexity) runs there;
+'auto' is the GPU when there is one. --device-map auto spreads a model larger than one GPU
+over all GPUs, for the one-shot methods with --steps 0. --config RUN.yaml reads any of
+these options from a file (keys as the flags); the flags given override it.
+
 examples:
   loraprune prune-model --method loraprune --sparsity 0.2 --steps 200 --output smol-20
   loraprune prune-model --method taylor --sparsity 0.2 --steps 200 --output smol-20-taylor
   loraprune prune-model --method magnitude --sparsity 0.2 --output smol-20
   loraprune prune-model --model ./my-llama --method random --layers 4-27 --allocation uniform \\
       --eval-data wikitext2 --eval-max-tokens 16384 --output my-llama-pruned
+  loraprune prune-model --config run.yaml --sparsity 0.3 --device cuda
+  loraprune prune-model --model ./llama-70b --method wanda-sp --data allenai/c4:en:validation:text \
+      --device-map auto --dtype bfloat16 --output llama-70b-20
 """
 
 

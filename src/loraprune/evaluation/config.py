@@ -21,10 +21,11 @@ class EvalConfig:
     adapter: str | None = option(None, help="directory of a LoRA adapter to apply on top of the model")
     data: str | None = option(
         None,
-        help="text to score for perplexity: 'wikitext2', 'ptb', the path of a text file, or 'none' to skip "
-        "perplexity; if not given: 'wikitext2' when neither --tasks nor --latency is asked, else none",
+        help="text to score for perplexity: 'wikitext2', 'ptb', the path of a text file, a Hugging Face dataset "
+        "ID[:CONFIG[:SPLIT[:COLUMN]]] (e.g. allenai/c4:en:validation:text), or 'none' to skip perplexity; if not given:"
+        " 'wikitext2' when neither --tasks nor --latency is asked, else none",
     )
-    split: str = option("test", help="split of a named corpus (test, valid, train)")
+    split: str = option("test", help="split of a named corpus or dataset without its own split (test, valid, train)")
     seq_len: int = option(128, help="tokens per non-overlapping window (128 as in LLM-Pruner/LoRAPrune)")
     max_tokens: int | None = option(None, help="score only the first N tokens of the text; None scores all of it")
     batch_size: int = option(8, help="windows (perplexity) or lm-eval requests (zero-shot) per forward pass")

@@ -54,7 +54,11 @@ class AdapterRunConfig:
     """What to fine-tune, on which data, with which method, and where the adapter goes."""
 
     model: str = option(DEFAULT_MODEL, help="base model: local directory, hub id, or the embedded default")
-    data: str = option("gsm8k", help="SFT data: 'gsm8k' or a JSONL file of {question, answer} records")
+    data: str = option(
+        "gsm8k",
+        help="SFT data: 'gsm8k', or a JSONL file of {question, answer} records or of chat {messages: [{role, "
+        "content}, ...]} records (rendered with the tokenizer's chat template, loss on the assistant turns only)",
+    )
     output: str | None = option(None, help="directory the adapter is written to (PEFT format)")
     method: str = option(
         "prunedlora",
