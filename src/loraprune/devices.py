@@ -43,11 +43,14 @@ def check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def local_cuda_device() -> str:
+    """The CUDA device of this process: `cuda:LOCAL_RANK` under torchrun / accelerate launch, else `cuda:0`."""
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
 def default_device() -> str:
-    """This process' GPU when CUDA is available (`cuda:LOCAL_RANK` under torchrun / accelerate launch), else CPU."""
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"
+    """This process' GPU when CUDA is available (`local_cuda_device`), else the CPU."""
+    return local_cuda_device() if torch.cuda.is_available() else "cpu"
 
 
 def resolve_device(name: str | None) -> str:

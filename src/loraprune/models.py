@@ -24,8 +24,9 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from loraprune.devices import local_cuda_device
 from loraprune.errors import LoraPruneError
-from loraprune.kbit import local_cuda_device, quantization_config, require_kbit_support
+from loraprune.kbit import quantization_config, require_kbit_support
 
 logger = logging.getLogger(__name__)
 
