@@ -233,3 +233,27 @@ def test_offloaded_weights_are_refused_for_pruning(tiny_llama):
     tiny_llama.model.layers[1].to("meta")  # what accelerate leaves in place of weights it offloads
     with pytest.raises(ConfigError, match="offloads some weights"):
         devices.check_in_memory(tiny_llama)
+
+
+def test_device_timing_benchmark_times_both_runs_per_device(tiny_model_dir, text_file, tmp_path, one_thread):
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("device_timing", REPO_ROOT / "benchmarks" / "device_timing.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    output = tmp_path / "timing"
+    argv = ["--model", str(tiny_model_dir), "--devices", "cpu", "--loraprune-steps", "2", "--prune-every", "1"]
+    argv += ["--data", str(text_file), "--eval-data", str(text_file), "--eval-max-tokens", "64", "--seq-len", "16"]
+    assert benchmark.main([*argv, "--batch-size", "2", "--output", str(output)]) == 0
+    results = json.loads(output.with_suffix(".json").read_text())
+    assert [(row["method"], row["steps"], row["device"]) for row in results["rows"]] == [
+        ("taylor", 0, "cpu"),
+        ("loraprune", 2, "cpu"),
+    ]
+    for row in results["rows"]:
+        assert row["wall_seconds"] >= row["prune_seconds"] > 0
+        assert row["sparsity_decoder"] == pytest.approx(0.2, abs=0.02)
+    table = output.with_suffix(".md").read_text()
+    assert "| taylor | 0 | cpu |" in table and "| loraprune | 2 | cpu |" in table
