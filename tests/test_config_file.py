@@ -40,11 +40,13 @@ def test_file_values_are_used_and_flags_override_them(tiny_model_dir, tmp_path, 
 
 
 def test_keys_take_dashes_underscores_and_flag_aliases(tmp_path):
-    config = _write(tmp_path, "data: notes.txt\nlearning_rate: 1\nlora-rank: 4\nmerge_adapter: false\noutput: o\n")
+    config = _write(
+        tmp_path, "data: notes.txt\nlearning_rate: 1\nlora-rank: 4\nmerge_adapter: false\noutput: o\neval-data: null\n"
+    )
     args = parse_args_with_config(build_parser(), ["prune-model", "--config", str(config)])
     config = dataclass_from_args(PruneModelConfig, args)
     assert config.calibration_data == "notes.txt" and config.learning_rate == 1.0 and config.lora_rank == 4
-    assert isinstance(config.learning_rate, float) and config.merge_adapter is False
+    assert isinstance(config.learning_rate, float) and config.merge_adapter is False and config.eval_data is None
 
 
 def test_one_file_sets_the_options_of_every_group_of_prune_adapter(tmp_path):
@@ -66,6 +68,7 @@ def test_one_file_sets_the_options_of_every_group_of_prune_adapter(tmp_path):
         ("prune-model", "sparsity: [0.1, 0.2]\n", "sparsity takes one value"),
         ("prune-model", "allocation: local\n", "allocation must be one of global, uniform"),
         ("prune-model", "overwrite: 1\n", "overwrite must be true or false"),
+        ("prune-model", "sparsity:\n", r"sparsity needs a value \(its default is 0.2\)"),
         ("prune-model", "- sparsity\n", "must be a mapping"),
         ("prune-model", "sparsity: [0.1\n", "is not valid YAML"),
     ],

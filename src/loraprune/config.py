@@ -115,6 +115,7 @@ def _option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Actio
 def _config_value(key: str, value: Any, action: argparse.Action, where: str) -> Any:
     """`value` of config key `key` converted and checked as the command line would (type, choices)."""
     if value is None:
+        check(action.default is None, f"{where}: {key} needs a value (its default is {action.default!r})")
         return None
     if isinstance(action, argparse.BooleanOptionalAction):
         check(isinstance(value, bool), f"{where}: {key} must be true or false, got {value!r}")
