@@ -8,6 +8,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 
 import loraprune.data as data
 from loraprune.cli import main
@@ -222,3 +223,24 @@ def test_prune_adapter_trains_on_chat_jsonl(tiny_model_dir, chat_tokenizer, tmp_
     assert main(argv) == 0
     report = json.loads((out / "loraprune_report.json").read_text())
     assert report["settings"]["run"]["data"] == str(path) and report["total_rank_after"] == 2 * 7 * 2
+
+
+def test_a_text_is_tokenised_once_per_tokenizer(tiny_tokenizer, monkeypatch):
+    calls = []
+    real_call = type(tiny_tokenizer).__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(args[0][:10])
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_tokenizer), "__call__", counted)
+    text = " ".join(DOCUMENTS)
+    first = data.tokenize_text(tiny_tokenizer, text)
+    first[:] = 0  # a copy: changing it changes nothing kept
+    again = data.tokenize_text(tiny_tokenizer, text)
+    assert len(calls) == 1 and int(again.count_nonzero()) > 0
+    assert torch.equal(again, torch.tensor(real_call(tiny_tokenizer, text, add_special_tokens=False)["input_ids"]))
+    data.tokenize_text(tiny_tokenizer, "another text")
+    data.tokenize_text(tiny_tokenizer, "a third text")  # the first text is forgotten (two are kept)
+    data.tokenize_text(tiny_tokenizer, text)
+    assert len(calls) == 4

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import tempfile
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,10 +253,26 @@ def load_text(name_or_path: str, split: str = "test") -> str:
     )
 
 
+#: per tokenizer (while it lives), the token ids of the last `_TOKENIZED_TEXTS` texts it tokenised
+_TOKENIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOKENIZED_TEXTS = 2
+
+
 def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.LongTensor:
-    """Token ids of the whole `text`, tokenised once, without special tokens (no BOS)."""
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    """Token ids of the whole `text`, tokenised once, without special tokens (no BOS).
+
+    The ids of the last texts a tokenizer tokenised are kept (`_TOKENIZED`), so a run that
+    calibrates and trains on the same text (a streamed dataset: millions of tokens) tokenises it
+    once; each call gets its own copy.
+    """
+    key = hashlib.sha256(text.encode("utf-8")).digest()
+    known = _TOKENIZED.setdefault(tokenizer, {})
+    if key not in known:
+        while len(known) >= _TOKENIZED_TEXTS:
+            known.pop(next(iter(known)))
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        known[key] = torch.tensor(ids, dtype=torch.long)
+    return known[key].clone()
 
 
 def token_windows(
