@@ -15,7 +15,7 @@ from torch import nn
 
 from loraprune.config import PruneModelConfig
 from loraprune.data import calibration_batches, load_text
-from loraprune.devices import check_in_memory, check_training_device, placement, resolve_device
+from loraprune.devices import check_in_memory, placement, resolve_device
 from loraprune.distributed import is_main_process, wait_for_everyone
 from loraprune.evaluation.perplexity import evaluate_perplexity
 from loraprune.importance import get_criterion
@@ -94,13 +94,12 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
     output = check_output_dir(config.output, config.overwrite)
     if config.eval_data:
         load_text(config.eval_data)  # a missing file fails now, not after pruning
-    device = resolve_device(config.device)
-    if config.steps or config.method == "loraprune":
-        check_training_device(device)
+    device = resolve_device(config.device, trains=config.steps > 0 or config.method == "loraprune")
     model, tokenizer = load_model(
         config.model, dtype=config.dtype, device=device, quantize=config.quantize, device_map=config.device_map
     )
     check_in_memory(model)
+    where = placement(model)  # the k-bit run's full-precision ending is on the CPU (`loraprune.kbit`)
     adapter = get_adapter(model)
     families = adapter.families(model, config.attention_unit)
     prunable = parse_layers(config.layers, len(adapter.layer_sizes(model)))
@@ -196,7 +195,7 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
         training=None if training is None else training.summary,
         loraprune_settings=None if one_shot else dataclasses.asdict(loraprune_config or LoRAPruneConfig()),
         torch_threads=torch.get_num_threads(),
-        device=placement(model),
+        device=where,
     )
 
     def write_reports(staging: Path) -> None:

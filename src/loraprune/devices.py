@@ -53,8 +53,16 @@ def default_device() -> str:
     return local_cuda_device() if torch.cuda.is_available() else "cpu"
 
 
-def resolve_device(name: str | None) -> str:
-    """The device a run uses for `--device name` ('auto' or None: `default_device()`), checked to exist."""
+def resolve_device(name: str | None, *, trains: bool = False) -> str:
+    """The device a run uses for `--device name` ('auto' or None: `default_device()`), checked to exist
+    and, for a run that `trains`, to be the one the Trainer uses (`check_training_device`)."""
+    device = _resolve(name)
+    if trains:
+        check_training_device(device)
+    return device
+
+
+def _resolve(name: str | None) -> str:
     if name is None or name == AUTO:
         return default_device()
     try:

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, TrainerCallback
 
 from loraprune.config import QUANTIZE_CHOICES, check, option
 from loraprune.data import SFTCollator, load_sft_records, tokenize_sft
-from loraprune.devices import DEVICE_HELP, check_training_device, resolve_device
+from loraprune.devices import DEVICE_HELP, resolve_device
 from loraprune.distributed import is_main_process, wait_for_everyone
 from loraprune.io import atomic_directory, check_output_dir, write_json
 from loraprune.lora import add_lora
@@ -280,8 +280,7 @@ def prune_adapter(
     """
     check(run_config.output is not None, "an output directory is needed (--output DIR)")
     check_output_dir(run_config.output, run_config.overwrite)  # fail before the long training
-    device = resolve_device(run_config.device)
-    check_training_device(device)
+    device = resolve_device(run_config.device, trains=True)
     model, tokenizer = load_model(run_config.model, dtype=run_config.dtype, device=device, quantize=run_config.quantize)
     base_parameters = count_parameters(model)
     dataset, collator = load_sft_dataset(
