@@ -123,6 +123,7 @@ def test_prune_model_runs_every_phase_on_the_requested_device(spy, tiny_model_di
     _only_cpu(spy, ("scoring", "perplexity", "training"))
     report = json.loads((out / "loraprune_report.json").read_text())
     assert report["device"] == "cpu" and report["settings"]["device"] == "cpu"
+    assert "Environment: device cpu, " in (out / "report.md").read_text()
 
 
 def test_auto_means_the_default_device(spy, tiny_model_dir, text_file, tmp_path, monkeypatch, one_thread):
@@ -161,6 +162,7 @@ def test_prune_adapter_trains_on_the_requested_device(spy, tiny_model_dir, data_
     assert spy.loaded == ["cpu"] and spy.trainer_cpu == [True]
     _only_cpu(spy, ("training",))
     assert json.loads((out / "loraprune_report.json").read_text())["device"] == "cpu"
+    assert "Environment: device cpu, " in (out / "report.md").read_text()
 
 
 def test_eval_measures_on_the_requested_device(spy, tiny_model_dir, text_file, tmp_path, one_thread):
