@@ -3,8 +3,8 @@
 CPU tests check that checkpointing and autocast leave the LoRA gradients (and so LoRAPrune's
 scores and masks) as they are, that a loss scaler's gradients are unscaled for both pruners,
 and, with a stand-in for bitsandbytes, that the LoRA-guided criterion de-quantises one matrix at
-a time. Tests marked `cuda` need a GPU (and bitsandbytes for the k-bit ones); with bitsandbytes
-installed, its CPU backend also runs the real k-bit code paths here.
+a time. bitsandbytes is in the dev extra: its CPU backend runs the real k-bit code paths here
+(the GPU check of `load_model` is bypassed for them). Tests marked `cuda` need a GPU.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ from tiny_models import tiny_model
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
-needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed (pip install bitsandbytes)")
+needs_bnb = pytest.mark.skipif(
+    not HAS_BNB, reason="bitsandbytes is not installed (it is in the dev extra: pip install -e '.[dev]')"
+)
 
 
 def _lora_gradients(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -358,6 +360,36 @@ def test_loraprune_on_kbit_weights_shrinks_a_full_precision_copy(monkeypatch, on
     assert sum(widths) == 3 * 24 - int(sum((~m).sum() for k, m in masks.items() if k.endswith("mlp")))
 
 
+def test_only_the_main_process_reloads_the_full_precision_checkpoint(monkeypatch, one_thread):
+    """Under DDP each rank would hold a full-precision copy in host memory (~140 GB for 70B): only rank 0 loads it."""
+    import loraprune.model_pruning.run as run_module
+
+    monkeypatch.setattr(run_module, "is_kbit_model", lambda _model: True)
+    loads = []
+
+    def full_precision_base():
+        loads.append(1)
+        return tiny_model(layers=3)
+
+    windows = token_dataset(count=16)
+    settings = LoraSettings(steps=4, rank=4, learning_rate=1e-2)
+    outcomes = {}
+    for main_process in (False, True):
+        monkeypatch.setattr(run_module, "is_main_process", lambda main_process=main_process: main_process)
+        outcomes[main_process] = loraprune(
+            tiny_model(layers=3),
+            windows,
+            settings,
+            PruningTarget(sparsity=0.3),
+            LoRAPruneConfig(prune_every=2),
+            full_precision_base=full_precision_base,
+        )
+        assert len(loads) == int(main_process)
+    (other, other_masks), (main, main_masks) = outcomes[False], outcomes[True]
+    assert other.model is None and main.model is not None
+    assert other.pruner.finished and all(torch.equal(other_masks[k], m) for k, m in main_masks.items())
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only refusal")
 def test_quantized_loading_needs_cuda(tiny_model_dir):
     from loraprune.models import load_model
@@ -537,6 +569,41 @@ def test_prune_model_on_4bit_weights_end_to_end(tiny_model_dir, tmp_path, monkey
 
 
 @needs_bnb
+def test_other_ddp_processes_leave_the_4bit_ending_to_the_main_one(tiny_model_dir, tmp_path, monkeypatch, one_thread):
+    """`prune_model` on a rank other than 0: trains on 4-bit weights, loads nothing more, writes nothing."""
+    import loraprune.api as api
+    import loraprune.model_pruning.run as run_module
+
+    _bypass_gpu_check(monkeypatch)
+    monkeypatch.setattr(run_module, "is_main_process", lambda: False)
+    monkeypatch.setattr(api, "is_main_process", lambda: False)
+    loads = []
+    real_load = api.load_model
+
+    def counted_load(*args, **kwargs):
+        loads.append(kwargs.get("quantize", "none"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(api, "load_model", counted_load)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    config = PruneModelConfig(
+        output=str(tmp_path / "out"),
+        model=str(tiny_model_dir),
+        method="loraprune",
+        sparsity=0.25,
+        steps=4,
+        calibration_data=str(text),
+        seq_len=16,
+        batch_size=2,
+        quantize="4bit",
+    )
+    result = api.prune_model(config, LoRAPruneConfig(prune_every=2))
+    assert loads == ["4bit"]  # the k-bit model only; no full-precision re-load
+    assert result.model is None and result.report == {} and not (tmp_path / "out").exists()
+
+
+@needs_bnb
 def test_prune_adapter_on_4bit_weights_end_to_end(tiny_model_dir, data_dir, tmp_path, monkeypatch, one_thread):
     from loraprune.cli import main
     from loraprune.models import load_model
@@ -582,7 +649,12 @@ def test_prune_adapter_on_4bit_weights_end_to_end(tiny_model_dir, data_dir, tmp_
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not (HAS_CUDA and HAS_BNB), reason="needs a CUDA GPU and bitsandbytes")
+@pytest.mark.skipif(
+    not (HAS_CUDA and HAS_BNB),
+    reason=" and ".join(
+        what for what, present in (("needs a CUDA GPU", HAS_CUDA), ("needs bitsandbytes", HAS_BNB)) if not present
+    ),
+)
 def test_quantized_loading_on_gpu(tiny_model_dir):
     from loraprune.models import load_model
 

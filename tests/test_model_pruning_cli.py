@@ -231,3 +231,31 @@ def test_paper_preset_sets_the_published_method_and_overrides_win():
     assert run.allocation == "global" and schedule.warmup == 0.2 and schedule.normalisation == "matrix"
     with pytest.raises(ConfigError, match="unknown preset"):
         apply_preset("papers", run, schedule)
+
+
+def test_cli_preset_is_overridden_by_the_config_file_and_the_flags(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    from loraprune import api
+
+    seen = {}
+
+    def spy(config, schedule):
+        seen["run"], seen["schedule"] = config, schedule
+        raise SystemExit(0)
+
+    monkeypatch.setattr(api, "prune_model", spy)
+    (tmp_path / "run.yaml").write_text("warmup: 0.2\n")
+    base = ["prune-model", "--model", str(tiny_model_dir), "--method", "loraprune", "--steps", "4"]
+    base += ["--data", str(text_file), "--output", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        main([*base, "--preset", "paper", "--config", str(tmp_path / "run.yaml"), "--allocation", "global"])
+    run, schedule = seen["run"], seen["schedule"]
+    assert run.allocation == "global" and run.layers == "paper"  # the flag wins, the preset fills the rest
+    assert schedule.warmup == 0.2 and schedule.cooldown == 0.1  # the file wins over the preset
+    assert (schedule.score, schedule.normalisation, schedule.ema_start) == ("lora-guided", "matrix", "zero")
+    (tmp_path / "preset.yaml").write_text("preset: paper\nprune_every: 3\n")
+    with pytest.raises(SystemExit):
+        main([*base, "--config", str(tmp_path / "preset.yaml")])
+    assert seen["schedule"].prune_every == 3 and seen["schedule"].second_order and seen["run"].allocation == "uniform"
+    with pytest.raises(SystemExit):
+        main(base)
+    assert seen["schedule"].score == "activation" and seen["run"].allocation == "global"  # no preset: the defaults

@@ -15,6 +15,7 @@ from torch import nn
 
 from loraprune.config import PruneModelConfig
 from loraprune.data import calibration_batches, load_text
+from loraprune.devices import check_in_memory, placement, resolve_device
 from loraprune.distributed import is_main_process, wait_for_everyone
 from loraprune.evaluation.perplexity import evaluate_perplexity
 from loraprune.importance import get_criterion
@@ -41,9 +42,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PruneResult:
-    """The pruned model (in memory, shrunk), where it was written, and its report."""
+    """The pruned model (in memory, shrunk), where it was written, and its report.
 
-    model: nn.Module
+    On the other DDP processes of a k-bit run, which leave the full-precision re-load to the main
+    one, `model` is None and `report` empty.
+    """
+
+    model: nn.Module | None
     tokenizer: Any
     output: Path
     report: dict[str, Any]
@@ -81,12 +86,19 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
     Under `torchrun` / `accelerate launch` (DDP) every process trains and only the main one
     writes; the others' report has no `file_size_bytes`. With `config.quantize` LoRAPrune trains on
     k-bit base weights on the GPU; its masks and adapter are then applied to the checkpoint re-loaded
-    in `config.dtype` on the CPU, which is shrunk, merged, evaluated and saved.
+    in `config.dtype` on the CPU (by the main process only), which is shrunk, merged, evaluated and saved.
+    Everything else runs on `config.device` (`loraprune.devices`), or with `config.device_map` "auto"
+    spread over the GPUs (one-shot methods without recovery training).
     """
     output = check_output_dir(config.output, config.overwrite)
     if config.eval_data:
         load_text(config.eval_data)  # a missing file fails now, not after pruning
-    model, tokenizer = load_model(config.model, dtype=config.dtype, quantize=config.quantize)
+    device = resolve_device(config.device, trains=config.steps > 0 or config.method == "loraprune")
+    model, tokenizer = load_model(
+        config.model, dtype=config.dtype, device=device, quantize=config.quantize, device_map=config.device_map
+    )
+    check_in_memory(model)
+    where = placement(model)  # the k-bit run's full-precision ending is on the CPU (`loraprune.kbit`)
     adapter = get_adapter(model)
     families = adapter.families(model, config.attention_unit)
     prunable = parse_layers(config.layers, len(adapter.layer_sizes(model)))
@@ -149,6 +161,9 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
             loraprune_config or LoRAPruneConfig(),
             full_precision_base=lambda: load_model(config.model, dtype=config.dtype)[0],
         )
+    if training is not None and training.model is None:  # k-bit under DDP: the main process finishes the run
+        wait_for_everyone()
+        return PruneResult(model=None, tokenizer=tokenizer, output=output, report={})
     if training is not None:
         model = training.model.merge_and_unload() if config.merge_adapter else training.model
     prune_seconds = time.perf_counter() - started
@@ -177,6 +192,7 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
         training=None if training is None else training.summary,
         loraprune_settings=None if one_shot else dataclasses.asdict(loraprune_config or LoRAPruneConfig()),
         torch_threads=torch.get_num_threads(),
+        device=where,
     )
 
     def write_reports(staging: Path) -> None:

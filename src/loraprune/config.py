@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import types
 import typing
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
+from loraprune.devices import DEVICE_HELP, DEVICE_MAP_HELP, DEVICE_MAPS, check, check_device_map
 from loraprune.errors import ConfigError
 
 T = TypeVar("T")
@@ -31,12 +35,6 @@ def option(
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
-
-
-def check(condition: bool, message: str) -> None:
-    """Raise a `ConfigError` with `message` unless `condition` holds."""
-    if not condition:
-        raise ConfigError(message)
 
 
 def _base_type(annotation: Any) -> tuple[type, bool]:
@@ -79,6 +77,122 @@ def dataclass_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     values.update(overrides)
     return cls(**values)
+
+
+def suggest(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean X?)' with the choice nearest to `word` (difflib), or '' when none is near."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ------------------------------------------------------------------------------------- run config files
+
+CONFIG_HELP = (
+    "YAML file of this command's options (keys as the flags without '--', with '-' or '_', e.g. "
+    "'sparsity: 0.3'); flags given on the command line override it; the run report records the resolved values"
+)
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    """Give `parser` (one sub-command) a `--config RUN.yaml` option read by `parse_args_with_config`."""
+    parser.add_argument("--config", metavar="RUN.yaml", default=None, help=CONFIG_HELP)
+    parser.set_defaults(config_parser=parser)
+
+
+def _option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Every name a config key may use for an option of `parser` (dest, flags, aliases; '-' read as '_')."""
+    names: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "config"):
+            continue
+        names[action.dest] = action
+        for flag in action.option_strings:
+            if flag.startswith("--") and not flag.startswith("--no-"):
+                names.setdefault(flag[2:].replace("-", "_"), action)
+    return names
+
+
+def _config_value(key: str, value: Any, action: argparse.Action, where: str) -> Any:
+    """`value` of config key `key` converted and checked as the command line would (type, choices)."""
+    if value is None:
+        check(action.default is None, f"{where}: {key} needs a value (its default is {action.default!r})")
+        return None
+    if isinstance(action, argparse.BooleanOptionalAction):
+        check(isinstance(value, bool), f"{where}: {key} must be true or false, got {value!r}")
+        return value
+    if action.nargs == "+":
+        values = value if isinstance(value, list) else [value]
+        return [_config_scalar(key, item, action, where) for item in values]
+    return _config_scalar(key, value, action, where)
+
+
+def _config_scalar(key: str, value: Any, action: argparse.Action, where: str) -> Any:
+    kind = action.type
+    check(not isinstance(value, (dict, list)), f"{where}: {key} takes one value, got {value!r}")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif kind is not None and isinstance(value, str):
+        try:
+            value = kind(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {key} must be {kind.__name__}, got {value!r}") from None
+    check(
+        kind is None or (isinstance(value, kind) and not isinstance(value, bool)),
+        f"{where}: {key} must be {getattr(kind, '__name__', kind)}, got {value!r}",
+    )
+    if kind is None:
+        value = str(value)
+    choices = action.choices
+    check(not choices or value in choices, f"{where}: {key} must be one of {', '.join(map(str, choices or ()))}")
+    return value
+
+
+def read_config_file(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The options in YAML file `path` as `{dest: value}` for `parser`; unknown keys name the nearest valid one."""
+    import yaml
+
+    path = Path(path).expanduser()
+    check(path.is_file(), f"config file {path} not found")
+    try:
+        source = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(error, 'problem', None) or error}") from error
+    source = {} if source is None else source
+    check(isinstance(source, dict), f"{path} must be a mapping of option names to values, like 'sparsity: 0.3'")
+    actions = _option_actions(parser)
+    values: dict[str, Any] = {}
+    for raw_key, value in source.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in actions:
+            raise ConfigError(
+                f"{path}: unknown key {raw_key!r}{suggest(key, sorted({a.dest for a in actions.values()}))}; "
+                f"`loraprune {parser.prog.split()[-1]} --help` lists the options"
+            )
+        action = actions[key]
+        check(action.dest not in values, f"{path}: {action.dest} is given twice (as {raw_key!r} too)")
+        values[action.dest] = _config_value(str(raw_key), value, action, str(path))
+    return values
+
+
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse `argv`; when the sub-command got `--config FILE`, its values become the defaults and the
+    command line is parsed again, so flags override the file (`config_file` is kept in the result).
+
+    A sub-command with named presets (`--preset NAME`, its parser's default `preset_values`: a
+    function from a name to `{dest: value}`) gets the preset's values as defaults first, so the
+    file and then the flags override them; the preset may also be named in the file.
+    """
+    args = parser.parse_args(argv)
+    path = getattr(args, "config", None)
+    file_values = read_config_file(path, args.config_parser) if path is not None else {}
+    preset = getattr(args, "preset", None) or file_values.get("preset")
+    defaults = {**(args.preset_values(preset) if preset else {}), **file_values}
+    if not defaults:
+        return args
+    args.config_parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
 
 
 ATTENTION_UNITS = ("auto", "kv_group", "query_head", "head")
@@ -149,12 +263,16 @@ class PruneModelConfig:
     )
     calibration_data: str = option(
         "wikitext2",
-        help="text for data-driven criteria and LoRA training: corpus name or text file",
+        help="text for data-driven criteria and LoRA training: corpus name, text file, or Hugging Face dataset "
+        "ID[:CONFIG[:SPLIT[:COLUMN]]] (e.g. allenai/c4:en:validation:text; default split validation)",
         aliases=("--data",),
     )
     calibration_samples: int = option(16, help="number of calibration windows for one-shot criteria")
     seq_len: int = option(128, help="tokens per calibration / training window")
-    eval_data: str | None = option(None, help="evaluate perplexity before and after on this corpus or text file")
+    eval_data: str | None = option(
+        None,
+        help="evaluate perplexity before and after on this corpus, text file or dataset ID[:CONFIG[:SPLIT[:COLUMN]]]",
+    )
     eval_seq_len: int = option(128, help="window length of the perplexity evaluation")
     eval_max_tokens: int | None = option(None, help="evaluate on the first N tokens only (default: the whole text)")
     dtype: str = option("float32", help="dtype to load and prune the model in (float32, bfloat16, float16)")
@@ -201,9 +319,12 @@ class PruneModelConfig:
         "per step, no second model); one-shot methods then recover under masks and shrink afterwards",
     )
     distill_temperature: float = option(1.0, help="softmax temperature of the distillation term")
+    device: str = option("auto", help=DEVICE_HELP)
+    device_map: str = option("none", help=DEVICE_MAP_HELP, choices=DEVICE_MAPS)
 
     def __post_init__(self) -> None:
         check_pruning_run(self)
+        check_device_map(self.device_map, trains=self.steps > 0 or self.method == "loraprune", command="prune-model")
         check(self.distill_weight >= 0, f"distill-weight must be >= 0, got {self.distill_weight}")
         check(self.distill_temperature > 0, f"distill-temperature must be > 0, got {self.distill_temperature}")
         check(

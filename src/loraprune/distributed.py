@@ -26,7 +26,7 @@ import torch.distributed as dist
 from accelerate import PartialState
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from loraprune.errors import LoraPruneError
 
@@ -87,13 +87,36 @@ def full_tensor(tensor: Tensor) -> Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def local_shape_and_offset(tensor: DTensor) -> tuple[list[int], list[int]]:
+    """The shape of this rank's shard of `tensor` and where it starts in the whole tensor, per dim.
+
+    Walks the mesh dims in order, as DTensor lays shards out: a `Shard(d)` placement cuts the
+    part held so far along `d` into `mesh.size(i)` chunks the way `torch.chunk` does
+    (`Shard.local_shard_size_and_offset`), and this rank keeps chunk number `coordinate[i]`;
+    `Replicate` and `Partial` keep it whole. A rank outside the mesh holds nothing. Public DTensor
+    API only, no communication.
+    """
+    shape, offset = list(tensor.shape), [0] * tensor.ndim
+    coordinate = tensor.device_mesh.get_coordinate()
+    if coordinate is None:
+        return [0] * tensor.ndim, offset
+    for mesh_dim, placement in enumerate(tensor.placements):
+        if isinstance(placement, Shard):
+            if type(placement) is not Shard:  # strided sharding (FSDP2 combined with tensor parallelism)
+                raise LoraPruneError(f"{type(placement).__name__} placements are not supported; use FSDP2 or DDP")
+            dim = placement.dim if placement.dim >= 0 else placement.dim + tensor.ndim
+            size, start = Shard.local_shard_size_and_offset(
+                shape[dim], tensor.device_mesh.size(mesh_dim), coordinate[mesh_dim]
+            )
+            shape[dim], offset[dim] = int(size), offset[dim] + int(start)
+    return shape, offset
+
+
 def _shard_view(tensor: DTensor, dim: int, index: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple[slice, ...]]:
     """For an in-place edit of `tensor` at the global `index` along `dim`: its local shard, the positions
     in the shard, which entries of `index` they are, and the region of a whole-tensor value the shard
     holds (along the other dims). No communication."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    shape, offset = local_shape_and_offset(tensor)
     positions = index.to(tensor.device) - offset[dim]
     held = torch.nonzero((positions >= 0) & (positions < shape[dim])).flatten()
     region = [slice(start, start + size) for start, size in zip(offset, shape)]

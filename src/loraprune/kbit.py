@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -70,11 +69,6 @@ def quantization_config(quantize: str, compute_dtype: torch.dtype) -> BitsAndByt
     if quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     raise LoraPruneError(f"no quantization config for quantize={quantize!r}; use 4bit or 8bit")
-
-
-def local_cuda_device() -> str:
-    """The CUDA device of this process: `cuda:LOCAL_RANK` under torchrun / accelerate launch, else `cuda:0`."""
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
 
 
 def is_kbit_weight(param: torch.Tensor) -> bool:

@@ -24,8 +24,9 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from loraprune.devices import local_cuda_device
 from loraprune.errors import LoraPruneError
-from loraprune.kbit import local_cuda_device, quantization_config, require_kbit_support
+from loraprune.kbit import quantization_config, require_kbit_support
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +182,7 @@ def load_model(
     device: str | None = None,
     adapter: str | None = None,
     quantize: str = "none",
+    device_map: str = "none",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM (in eval mode) and its tokenizer; with `adapter`, wrap it in that PEFT adapter.
 
@@ -188,7 +190,8 @@ def load_model(
     the EOS token as padding token if it has none. Pruned models with per-layer widths load
     because importing ``loraprune`` registers their classes. `quantize` "4bit" / "8bit" loads the
     linear layers as bitsandbytes k-bit weights (`loraprune.kbit`; CUDA only, `device` defaults to
-    this process' GPU), de-quantised to `dtype` for their products.
+    this process' GPU), de-quantised to `dtype` for their products. `device_map` "auto" lets
+    accelerate spread the layers over the visible GPUs (`loraprune.devices`; `device` is then unused).
     """
     torch_dtype = parse_dtype(dtype)
     path = resolve_model_path(name_or_path)
@@ -197,6 +200,8 @@ def load_model(
         device = device or local_cuda_device()
         require_kbit_support(quantize, device)
         options = {"quantization_config": quantization_config(quantize, torch_dtype), "device_map": {"": device}}
+    elif device_map != "none":
+        options = {"device_map": device_map}
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, output_loading_info=True, **options)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -210,7 +215,7 @@ def load_model(
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if device is not None and not options:  # a quantized model is placed by its device_map
+    if device is not None and not options:  # a quantized or dispatched model is placed by its device_map
         model.to(device)
     if adapter is not None:
         model = _attach_adapter(model, adapter)
@@ -228,8 +233,3 @@ def _attach_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
         return PeftModel.from_pretrained(model, str(adapter_path) if adapter_path.exists() else adapter)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
         raise LoraPruneError(f"could not load adapter from {adapter}: {error}") from error
-
-
-def default_device() -> str:
-    """``cuda`` when a GPU is visible, else ``cpu``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -106,8 +106,11 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS))
 
 
-def training_arguments(config: TrainingConfig, output_dir: str) -> TrainingArguments:
-    """The `TrainingArguments` of `config`: no checkpoints, no hub, CPU when there is no CUDA device."""
+def training_arguments(config: TrainingConfig, output_dir: str, use_cpu: bool | None = None) -> TrainingArguments:
+    """The `TrainingArguments` of `config`: no checkpoints, no hub; on the CPU if `use_cpu` (default: when
+    there is no CUDA device)."""
+    if use_cpu is None:
+        use_cpu = not torch.cuda.is_available()
     return TrainingArguments(
         output_dir=output_dir,
         max_steps=config.steps,
@@ -127,11 +130,11 @@ def training_arguments(config: TrainingConfig, output_dir: str) -> TrainingArgum
         report_to=[name.strip() for name in config.report_to.split(",")],
         save_strategy="no",
         push_to_hub=False,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=use_cpu,
         remove_unused_columns=False,
         label_names=["labels"],
         dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_pin_memory=not use_cpu,
         disable_tqdm=False,
     )
 
@@ -164,13 +167,16 @@ def train(
     `train_dataset` is anything with `__len__` and `__getitem__` (a list of tokenised examples
     works); the data is cycled when `steps` needs more than one epoch. Checkpointing is off, so
     only the trackers of `config.report_to` write files, to `output_dir`, else `config.logging_dir`,
-    else a temporary directory. With `distillation` the loss gets its KL term to the teacher.
+    else a temporary directory. The training runs where `model` is (`loraprune.devices`): a model on the
+    CPU trains on the CPU even where a GPU is visible, and one on a GPU on the Trainer's GPU. With
+    `distillation` the loss gets its KL term to the teacher.
     """
+    use_cpu = next(model.parameters()).device.type == "cpu"
     with tempfile.TemporaryDirectory(prefix="loraprune-train-") as scratch:
         extra = {} if distillation is None else {"distillation": distillation}
         trainer = (Trainer if distillation is None else DistillingTrainer)(
             model=model,
-            args=training_arguments(config, output_dir or config.logging_dir or scratch),
+            args=training_arguments(config, output_dir or config.logging_dir or scratch, use_cpu=use_cpu),
             data_collator=data_collator,
             train_dataset=train_dataset,
             callbacks=list(callbacks),

@@ -13,6 +13,7 @@ import importlib
 import logging
 import sys
 
+from loraprune.config import add_config_option, parse_args_with_config
 from loraprune.errors import LoraPruneError
 
 # Module names under loraprune.cli, in the order `--help` lists them.
@@ -38,7 +39,9 @@ Make LLMs and their LoRA adapters smaller with structured pruning guided by LoRA
   loraprune sweep         a grid of prune-model / prune-adapter jobs from a YAML spec (resumable)
 
 Every command takes --model: a local Hugging Face directory, a hub id, or the embedded
-default 'smollm2-135m'. Run `loraprune COMMAND --help` for the options of one command.
+default 'smollm2-135m', --device (default: CUDA when available, else the CPU), and
+--config RUN.yaml: the same options in a file, overridden by the flags given with it.
+Run `loraprune COMMAND --help` for the options of one command.
 """
 
 
@@ -56,12 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not built yet
             raise
         module.register(subparsers)
+    for command_parser in subparsers.choices.values():
+        add_config_option(command_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse_args_with_config(parser, argv)
+    except LoraPruneError as error:  # a bad --config file
+        command = next((word for word in argv or sys.argv[1:] if not word.startswith("-")), "")
+        print(f"loraprune {command}: error: {error}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

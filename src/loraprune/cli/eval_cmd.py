@@ -4,12 +4,14 @@ with their settings."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from loraprune.config import add_dataclass_arguments, dataclass_from_args
+from loraprune.devices import placement, resolve_device
 from loraprune.evaluation import EvalConfig, evaluate_perplexity, evaluate_zero_shot, load_tasks, measure_latency
 from loraprune.io import write_json
-from loraprune.models import default_device, load_model
+from loraprune.models import load_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,9 +30,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     config = dataclass_from_args(EvalConfig, args)
     tasks = load_tasks(config.tasks, config.task_dir) if config.tasks else None  # fail early if unreachable
-    device = default_device() if config.device == "auto" else config.device
-    model, tokenizer = load_model(config.model, dtype=config.dtype, device=device, adapter=config.adapter)
-    report: dict[str, Any] = {"model": config.model, "adapter": config.adapter, "device": device}
+    device = resolve_device(config.device)
+    model, tokenizer = load_model(
+        config.model, dtype=config.dtype, device=device, adapter=config.adapter, device_map=config.device_map
+    )
+    report: dict[str, Any] = {
+        "model": config.model,
+        "adapter": config.adapter,
+        "device": placement(model),
+        "settings": dataclasses.asdict(config),
+    }
     if config.perplexity:
         result = evaluate_perplexity(
             model,
@@ -61,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
         models = {}  # the baseline first: ratios are against the first model, so they read model / baseline
         if config.baseline is not None:
             name = config.baseline if config.baseline != config.model else f"{config.baseline} (baseline)"
-            models[name], _ = load_model(config.baseline, dtype=config.dtype, device=device)
+            models[name], _ = load_model(
+                config.baseline, dtype=config.dtype, device=device, device_map=config.device_map
+            )
         models[config.model] = model
         cost = measure_latency(
             models,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from loraprune.config import ATTENTION_UNITS
+from loraprune.devices import DEVICE_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,16 +28,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=ATTENTION_UNITS,
         help="attention group to list (default: %(default)s)",
     )
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP + " (default: %(default)s)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from loraprune.devices import resolve_device
     from loraprune.models import load_model
     from loraprune.report import count_parameters, decoder_parameters
     from loraprune.structure import get_adapter
     from loraprune.structure.groups import total_params
 
-    model, _ = load_model(args.model)
+    model, _ = load_model(args.model, device=resolve_device(args.device))
     families = get_adapter(model).families(model, args.attention_unit)
     print(f"model {args.model} ({model.config.model_type}, {len(families) // 2} decoder layers)")
     print(

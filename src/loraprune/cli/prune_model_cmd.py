@@ -7,6 +7,14 @@ from pathlib import Path
 
 from loraprune.config import PruneModelConfig, add_dataclass_arguments, dataclass_from_args
 from loraprune.model_pruning.config import LoRAPruneConfig
+from loraprune.model_pruning.presets import PRESETS, get_preset
+
+
+def preset_values(name: str) -> dict:
+    """The option values of preset `name` (`--preset`), by destination name."""
+    preset = get_preset(name)
+    return {**preset.run, **preset.schedule}
+
 
 EPILOG = """\
 sparsity: the fraction of the decoder layers' attention+MLP parameters removed (embeddings,
@@ -15,18 +23,32 @@ or an MLP channel with its gate/up rows and down column); with --sparsity alone 
 absorbs what attention's coarse groups cannot hit, so the decoder fraction is met to within
 one channel. The report gives the fraction of all parameters too.
 
---steps: LoRA training steps for every method. loraprune scores with the LoRA adapter's
-weights and gradients and prunes iteratively during them (cubic schedule, exact target at
-the end); taylor, wanda-sp, magnitude and random prune one-shot on --calibration-samples
-windows and then fine-tune the same LoRA adapter for the same steps (0 = no recovery). The
-LoRA adapter is merged into the shrunk weights.
+--steps: LoRA training steps for every method. loraprune prunes iteratively during them
+(cubic schedule, exact target at the end of the ramp; by default pruning is done by mid-run
+and the second half recovers) and never creates a base-weight gradient: --score activation
+(default) scores each unit by the loss change of removing it, from the activation gradients
+LoRA training computes anyway; --score lora-guided is the paper's estimate from LoRA's weights
+and gradients. taylor, activation, wanda-sp, magnitude and random prune one-shot on
+--calibration-samples windows and then fine-tune the same LoRA adapter for the same steps
+(0 = no recovery). The LoRA adapter is merged into the shrunk weights. --preset paper is the
+published LoRAPrune (see --preset); --distill-weight adds self-distillation from the unpruned
+model to any method's training.
+
+--device: the whole run (loading, scoring, calibration, training, perplexity) runs there;
+'auto' is the GPU when there is one. --device-map auto spreads a model larger than one GPU
+over all GPUs, for the one-shot methods with --steps 0. --config RUN.yaml reads any of
+these options from a file (keys as the flags); the flags given override it.
 
 examples:
   loraprune prune-model --method loraprune --sparsity 0.2 --steps 200 --output smol-20
+  loraprune prune-model --method loraprune --preset paper --sparsity 0.2 --steps 200 --output smol-20-paper
   loraprune prune-model --method taylor --sparsity 0.2 --steps 200 --output smol-20-taylor
   loraprune prune-model --method magnitude --sparsity 0.2 --output smol-20
   loraprune prune-model --model ./my-llama --method random --layers 4-27 --allocation uniform \\
       --eval-data wikitext2 --eval-max-tokens 16384 --output my-llama-pruned
+  loraprune prune-model --config run.yaml --sparsity 0.3 --device cuda
+  loraprune prune-model --model ./llama-70b --method wanda-sp --data allenai/c4:en:validation:text \
+      --device-map auto --dtype bfloat16 --output llama-70b-20
 """
 
 
@@ -41,7 +63,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_dataclass_arguments(parser, PruneModelConfig)
     add_dataclass_arguments(parser.add_argument_group("LoRAPrune schedule (--method loraprune)"), LoRAPruneConfig)
-    parser.set_defaults(func=run)
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="named settings, overridden by --config and by the flags given: "
+        + "; ".join(f"'{name}': {preset.description}" for name, preset in PRESETS.items()),
+    )
+    parser.set_defaults(func=run, preset_values=preset_values)
 
 
 def run(args: argparse.Namespace) -> int:

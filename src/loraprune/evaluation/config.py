@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraprune.config import check, option
+from loraprune.devices import DEVICE_HELP, DEVICE_MAP_HELP, DEVICE_MAPS, check_device_map
 from loraprune.evaluation.zero_shot import DESIGN_TASKS
 from loraprune.models import DEFAULT_MODEL, DTYPES
 
@@ -20,15 +21,16 @@ class EvalConfig:
     adapter: str | None = option(None, help="directory of a LoRA adapter to apply on top of the model")
     data: str | None = option(
         None,
-        help="text to score for perplexity: 'wikitext2', 'ptb', the path of a text file, or 'none' to skip "
-        "perplexity; if not given: 'wikitext2' when neither --tasks nor --latency is asked, else none",
+        help="text to score for perplexity: 'wikitext2', 'ptb', the path of a text file, a Hugging Face dataset "
+        "ID[:CONFIG[:SPLIT[:COLUMN]]] (e.g. allenai/c4:en:validation:text), or 'none' to skip perplexity; if not given:"
+        " 'wikitext2' when neither --tasks nor --latency is asked, else none",
     )
-    split: str = option("test", help="split of a named corpus (test, valid, train)")
+    split: str = option("test", help="split of a named corpus or dataset without its own split (test, valid, train)")
     seq_len: int = option(128, help="tokens per non-overlapping window (128 as in LLM-Pruner/LoRAPrune)")
     max_tokens: int | None = option(None, help="score only the first N tokens of the text; None scores all of it")
     batch_size: int = option(8, help="windows (perplexity) or lm-eval requests (zero-shot) per forward pass")
     dtype: str = option("float32", help="dtype to load the model in", choices=tuple(DTYPES))
-    device: str = option("auto", help="torch device; 'auto' picks cuda when available, else cpu")
+    device: str = option("auto", help=DEVICE_HELP)
     json: str | None = option(None, help="also write the results, with their settings, to this JSON file")
     progress: bool = option(True, help="show progress bars")
     tasks: str | None = option(
@@ -56,6 +58,7 @@ class EvalConfig:
     gen_tokens: int = option(64, help="new tokens per greedy generation (fixed: EOS cannot end it early); 0 skips")
     repeats: int = option(10, help="timed repeats per model, interleaved across models; the median is reported")
     warmup: int = option(2, help="untimed warm-up rounds per model before the repeats")
+    device_map: str = option("none", help=DEVICE_MAP_HELP, choices=DEVICE_MAPS)
 
     def __post_init__(self) -> None:
         if self.data is None:
@@ -80,6 +83,7 @@ class EvalConfig:
         )
         check(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
         check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_device_map(self.device_map, trains=False, command="eval")
         if self.json is not None:
             parent = Path(self.json).expanduser().resolve().parent
             check(parent.is_dir(), f"cannot write {self.json}: directory {parent} does not exist; create it first")

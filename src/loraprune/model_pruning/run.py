@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from loraprune.config import check
 from loraprune.data import load_text, token_windows
 from loraprune.distillation import Distillation, dense_peft_model
+from loraprune.distributed import is_main_process
 from loraprune.errors import LoraPruneError
 from loraprune.kbit import full_precision_copy, is_kbit_model
 from loraprune.lora import DEFAULT_TARGET_MODULES, add_lora
@@ -99,7 +100,7 @@ class LoraSettings:
 class LoraRun:
     """A finished LoRA fine-tuning: the PEFT model (unmerged), its log and its wall time."""
 
-    model: PeftModel
+    model: PeftModel | None  # None on the other DDP processes of a k-bit run (only the main one re-loads)
     log_history: list[dict[str, Any]]
     seconds: float
     pruner: ModelPruner | None = None
@@ -181,7 +182,8 @@ def loraprune(
     Returns the run (its `model` is the shrunk, still unmerged PEFT model) and the final masks.
     Packed k-bit weights cannot be sliced: when `model` is k-bit, `full_precision_base()` loads
     the same checkpoint in full precision, the trained adapter is copied onto it, and that copy
-    is shrunk and returned instead (`loraprune.kbit`).
+    is shrunk and returned instead (`loraprune.kbit`). Under DDP only the main process re-loads
+    (a 70B checkpoint is about 140 GB of host memory per copy): the others get `run.model` None.
     """
     if is_kbit_model(model) and full_precision_base is None:
         raise LoraPruneError(
@@ -193,8 +195,9 @@ def loraprune(
     pruner = callback.pruner
     masks = pruner.masks
     if is_kbit_model(run.model):
-        run.model = full_precision_copy(run.model, full_precision_base())
-        shrink_model(run.model, pruner.families, masks)
+        run.model = full_precision_copy(run.model, full_precision_base()) if is_main_process() else None
+        if run.model is not None:
+            shrink_model(run.model, pruner.families, masks)
     else:
         pruner.finish()
     run.pruner = pruner

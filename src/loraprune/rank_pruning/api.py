@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, TrainerCallback
 
 from loraprune.config import QUANTIZE_CHOICES, check, option
 from loraprune.data import SFTCollator, load_sft_records, tokenize_sft
+from loraprune.devices import DEVICE_HELP, resolve_device
 from loraprune.distributed import is_main_process, wait_for_everyone
 from loraprune.io import atomic_directory, check_output_dir, write_json
 from loraprune.lora import add_lora
@@ -53,7 +54,11 @@ class AdapterRunConfig:
     """What to fine-tune, on which data, with which method, and where the adapter goes."""
 
     model: str = option(DEFAULT_MODEL, help="base model: local directory, hub id, or the embedded default")
-    data: str = option("gsm8k", help="SFT data: 'gsm8k' or a JSONL file of {question, answer} records")
+    data: str = option(
+        "gsm8k",
+        help="SFT data: 'gsm8k', or a JSONL file of {question, answer} records or of chat {messages: [{role, "
+        "content}, ...]} records (rendered with the tokenizer's chat template, loss on the assistant turns only)",
+    )
     output: str | None = option(None, help="directory the adapter is written to (PEFT format)")
     method: str = option(
         "prunedlora",
@@ -70,6 +75,7 @@ class AdapterRunConfig:
         choices=QUANTIZE_CHOICES,
     )
     overwrite: bool = option(False, help="replace an existing output directory")
+    device: str = option("auto", help=DEVICE_HELP)
 
     def __post_init__(self) -> None:
         check(self.quantize in QUANTIZE_CHOICES, f"quantize must be one of {QUANTIZE_CHOICES}, got {self.quantize!r}")
@@ -274,13 +280,15 @@ def prune_adapter(
     """
     check(run_config.output is not None, "an output directory is needed (--output DIR)")
     check_output_dir(run_config.output, run_config.overwrite)  # fail before the long training
-    model, tokenizer = load_model(run_config.model, dtype=run_config.dtype, quantize=run_config.quantize)
+    device = resolve_device(run_config.device, trains=True)
+    model, tokenizer = load_model(run_config.model, dtype=run_config.dtype, device=device, quantize=run_config.quantize)
     base_parameters = count_parameters(model)
     dataset, collator = load_sft_dataset(
         run_config.data, tokenizer, run_config.train_limit, run_config.max_answer_tokens
     )
     run = train_adapter(model, dataset, collator, run_config.method, pruning, training)
     report = adapter_report(run, run_config, pruning, training, base_parameters)
+    report["device"] = device
 
     def write_reports(staging: Path) -> None:
         report["adapter_params_after"], report["file_size_bytes"] = saved_adapter_size(staging)

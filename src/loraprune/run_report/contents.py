@@ -64,7 +64,9 @@ def _size_row(label: str, params_before: int, params_after: int, file_bytes: int
 
 
 def _environment(record: Mapping[str, Any]) -> Paragraph:
-    env = record.get("environment") or {}
+    env = dict(record.get("environment") or {})
+    if record.get("device"):  # where the run ran (`--device auto` resolved; records before it have none)
+        env = {"device": record["device"], **env}
     return Paragraph("Environment: " + ", ".join(f"{name} {value}" for name, value in env.items()) + ".")
 
 

@@ -10,6 +10,7 @@ import torch
 
 from loraprune.api import PruneResult, requested_perplexity
 from loraprune.data import calibration_batches, load_text
+from loraprune.devices import resolve_device
 from loraprune.io import check_output_dir, save_pruned_model, write_json
 from loraprune.model_pruning.config import LoRAPruneConfig
 from loraprune.model_pruning.run import LoraSettings, training_windows
@@ -42,7 +43,8 @@ def prune_nm(config: PruneNMConfig, schedule: LoRAPruneConfig | None = None) -> 
         load_text(config.eval_data)  # a missing file fails now, not after pruning
     pattern = config.nm_pattern
     schedule = schedule or LoRAPruneConfig()
-    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    device = resolve_device(config.device, trains=config.steps > 0 or config.method == "loraprune")
+    model, tokenizer = load_model(config.model, dtype=config.dtype, device=device)
     modules = nm_modules(model, pattern, config.layers)
     windows = training_windows(tokenizer, config.calibration_data, config.seq_len) if config.steps else None
     lora = LoraSettings.of_run(config)
@@ -93,6 +95,7 @@ def prune_nm(config: PruneNMConfig, schedule: LoRAPruneConfig | None = None) -> 
         "settings": dataclasses.asdict(config),
         "loraprune_settings": dataclasses.asdict(schedule) if config.method == "loraprune" else None,
         "torch_threads": torch.get_num_threads(),
+        "device": device,
         "environment": environment(),
     }
     save_pruned_model(model, tokenizer, output, overwrite=config.overwrite, extra_json={REPORT_FILE: report})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loraprune.config import check, check_pruning_run, option
+from loraprune.devices import DEVICE_HELP
 from loraprune.models import DTYPES
 from loraprune.semi_structured.one_shot import ONE_SHOT_METHODS
 from loraprune.semi_structured.pattern import NMPattern
@@ -31,7 +32,8 @@ class PruneNMConfig:
     layers: str = option("all", help="decoder layers whose attention+MLP projections get the pattern ('all', '4-27')")
     calibration_data: str = option(
         "wikitext2",
-        help="text for calibration (wanda, sparsegpt) and LoRA training: corpus name or text file",
+        help="text for calibration (wanda, sparsegpt) and LoRA training: corpus name, text file, or Hugging Face "
+        "dataset ID[:CONFIG[:SPLIT[:COLUMN]]] (default split validation)",
         aliases=("--data",),
     )
     calibration_samples: int = option(128, help="calibration windows for wanda and sparsegpt")
@@ -47,12 +49,16 @@ class PruneNMConfig:
     batch_size: int = option(4, help="windows per LoRA training step, and per calibration forward")
     sparsegpt_block_size: int = option(128, help="SparseGPT: columns per lazy-update block (a multiple of M)")
     sparsegpt_damp: float = option(0.01, help="SparseGPT: damping, as a fraction of the mean Hessian diagonal")
-    eval_data: str | None = option(None, help="evaluate perplexity before and after on this corpus or text file")
+    eval_data: str | None = option(
+        None,
+        help="evaluate perplexity before and after on this corpus, text file or dataset ID[:CONFIG[:SPLIT[:COLUMN]]]",
+    )
     eval_seq_len: int = option(128, help="window length of the perplexity evaluation")
     eval_max_tokens: int | None = option(None, help="evaluate on the first N tokens only (default: the whole text)")
     dtype: str = option("float32", help="dtype to load, prune and save the model in (float32, bfloat16, float16)")
     seed: int = option(0, help="seed for calibration sampling and training")
     overwrite: bool = option(False, help="replace OUTPUT if it exists (the old one stays until the new one is done)")
+    device: str = option("auto", help=DEVICE_HELP)
 
     def __post_init__(self) -> None:
         check_pruning_run(self)

@@ -23,7 +23,6 @@ it survives a reordering of the grid or added axis values, and changes with any 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import itertools
 import json
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraprune.config import _base_type
+from loraprune.config import _base_type, suggest
 from loraprune.errors import ConfigError, LoraPruneError
 from loraprune.sweep.jobs import JOBS, Derived, JobKind
 
@@ -112,7 +111,7 @@ def parse_spec(source: Any, *, path: Path | None = None, output: str | Path | No
     for key in source:
         if key not in SPEC_KEYS:
             raise ConfigError(
-                f"{where}: unknown key {key!r}{_suggest(str(key), SPEC_KEYS)}; the keys are:\n"
+                f"{where}: unknown key {key!r}{suggest(str(key), SPEC_KEYS)}; the keys are:\n"
                 + "\n".join(f"  {k}: {h}" for k, h in SPEC_KEYS.items())
             )
     job_name = source.get("job")
@@ -189,11 +188,6 @@ def _defaults(cls: type) -> dict[str, Any]:
     }
 
 
-def _suggest(word: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _flatten_fixed(fixed: Any) -> dict[str, Any]:
     """`{section: {field: value}}` and `{section.field: value}` alike, as dotted keys."""
     if not isinstance(fixed, dict):
@@ -231,7 +225,7 @@ def _parse_metrics(job: JobKind, metrics: Any) -> tuple[str, ...]:
     for metric in metrics:
         if metric not in job.metrics:
             raise ConfigError(
-                f"unknown metric {metric!r}{_suggest(str(metric), job.metrics)} for {job.name} jobs; "
+                f"unknown metric {metric!r}{suggest(str(metric), job.metrics)} for {job.name} jobs; "
                 "they report:\n" + "\n".join(f"  {k}: {h}" for k, h in job.metrics.items())
             )
     return tuple(metrics)
@@ -242,7 +236,7 @@ def _coerce(job: JobKind, key: str, value: Any) -> Any:
     section, _, name = key.partition(".")
     if section not in job.sections:
         raise ConfigError(
-            f"unknown section {section!r} in {key!r}{_suggest(section, job.sections)}; {job.name} jobs "
+            f"unknown section {section!r} in {key!r}{suggest(section, job.sections)}; {job.name} jobs "
             f"have: {', '.join(job.sections)}"
         )
     cls = job.sections[section]
@@ -257,7 +251,7 @@ def _coerce(job: JobKind, key: str, value: Any) -> Any:
         return _coerce_value(value, float, None, key)
     if name not in fields:
         known = [n for n in fields if n not in job.managed.get(section, {})] + list(derived)
-        raise ConfigError(f"unknown setting {key!r}{_suggest(name, known)}; {section} settings are: {', '.join(known)}")
+        raise ConfigError(f"unknown setting {key!r}{suggest(name, known)}; {section} settings are: {', '.join(known)}")
     hint = typing.get_type_hints(cls)[name]
     return _coerce_value(value, hint, fields[name].metadata.get("choices"), key)
 
