@@ -13,6 +13,7 @@ import typing
 from typing import Any, TypeVar
 
 from loraprune.errors import ConfigError
+from loraprune.safety.options import DIVERGENCE_FACTOR, DIVERGENCE_HELP, RESUME_HELP, SAVE_STEPS_HELP
 
 T = TypeVar("T")
 
@@ -190,6 +191,9 @@ class PruneModelConfig:
         None, help="directory for the trackers' local files (tensorboard event files under LOGGING_DIR/runs/)"
     )
     overwrite: bool = option(False, help="replace OUTPUT if it exists (the old one stays until the new one is done)")
+    save_steps: int = option(0, help=SAVE_STEPS_HELP)
+    resume: str | None = option(None, help=RESUME_HELP)
+    divergence_factor: float = option(DIVERGENCE_FACTOR, help=DIVERGENCE_HELP)
 
     def __post_init__(self) -> None:
         check_pruning_run(self)

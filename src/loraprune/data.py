@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from loraprune.errors import LoraPruneError
+from loraprune.safety.user_errors import read_text_file
 
 logger = logging.getLogger(__name__)
 
@@ -85,19 +86,19 @@ def load_text(name_or_path: str, split: str = "test") -> str:
             path = _local_file("wikitext2", file_name)
             if path is not None:
                 logger.debug("reading wikitext2 %s split from %s", split, path)
-                return path.read_text(encoding="utf-8")
+                return read_text_file(path, "data file")
         hub_split = "validation" if split == "valid" else split
         return "".join(_load_hub_dataset("wikitext", "wikitext-2-raw-v1", hub_split)["text"])
     if name_or_path == "ptb":
         hub_split = "validation" if split == "valid" else split
         return "\n".join(_load_hub_dataset("ptb_text_only", "penn_treebank", hub_split)["sentence"])
     path = Path(name_or_path).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise LoraPruneError(
             f"data {name_or_path!r} is neither a known corpus ({', '.join(CORPORA)}) nor an existing text file "
             f"({path.resolve()} not found)"
         )
-    return path.read_text(encoding="utf-8")
+    return read_text_file(path, "data file")
 
 
 def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.LongTensor:
@@ -157,17 +158,16 @@ class SFTRecord:
 
 
 def _read_jsonl_records(path: Path) -> Iterator[SFTRecord]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                yield SFTRecord(question=str(row["question"]), answer=str(row["answer"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise LoraPruneError(
-                    f"{path}:{number}: not a JSON object with 'question' and 'answer' ({error!r})"
-                ) from error
+    for number, line in enumerate(read_text_file(path, "SFT data file").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            yield SFTRecord(question=str(row["question"]), answer=str(row["answer"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise LoraPruneError(
+                f"{path}:{number}: not a JSON object with 'question' and 'answer' ({error!r})"
+            ) from error
 
 
 def load_sft_records(name_or_path: str, split: str = "train", limit: int | None = None) -> list[SFTRecord]:
@@ -180,7 +180,7 @@ def load_sft_records(name_or_path: str, split: str = "train", limit: int | None 
             return [SFTRecord(rows[i]["question"], rows[i]["answer"]) for i in range(count)]
     else:
         path = Path(name_or_path).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise LoraPruneError(
                 f"SFT data {name_or_path!r} is neither 'gsm8k' nor an existing JSONL file ({path.resolve()} not found)"
             )

@@ -17,6 +17,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from loraprune.config import check, option
+from loraprune.safety.checkpoints import Checkpointing
+from loraprune.safety.divergence import LossGuard
+from loraprune.safety.options import DIVERGENCE_FACTOR, DIVERGENCE_HELP
 
 
 @dataclass
@@ -57,6 +60,7 @@ class TrainingConfig:
         help="directory for the trackers' local files (tensorboard writes its event files under "
         "LOGGING_DIR/runs/); needed with --report-to tensorboard",
     )
+    divergence_factor: float = option(DIVERGENCE_FACTOR, help=DIVERGENCE_HELP)
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
@@ -68,6 +72,10 @@ class TrainingConfig:
         check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         check(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0")
         check(self.logging_steps >= 1, "logging_steps must be >= 1")
+        check(
+            self.divergence_factor == 0 or self.divergence_factor > 1,
+            f"divergence_factor must be 0 (off) or > 1, got {self.divergence_factor}",
+        )
         check(not (self.bf16 and self.fp16), "choose at most one of --bf16 and --fp16")
         # on the CPU the Trainer has no float16 autocast or loss scaler and would silently train in float32
         check(
@@ -105,8 +113,9 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS))
 
 
-def training_arguments(config: TrainingConfig, output_dir: str) -> TrainingArguments:
-    """The `TrainingArguments` of `config`: no checkpoints, no hub, CPU when there is no CUDA device."""
+def training_arguments(config: TrainingConfig, output_dir: str, save_steps: int = 0) -> TrainingArguments:
+    """The `TrainingArguments` of `config`: checkpoints every `save_steps` steps (0: none), no hub, CPU
+    when there is no CUDA device, and non-finite losses logged as they are (not replaced by earlier ones)."""
     return TrainingArguments(
         output_dir=output_dir,
         max_steps=config.steps,
@@ -120,11 +129,13 @@ def training_arguments(config: TrainingConfig, output_dir: str) -> TrainingArgum
         seed=config.seed,
         data_seed=config.seed,
         logging_steps=config.logging_steps,
+        logging_nan_inf_filter=False,
         bf16=config.bf16,
         fp16=config.fp16,
         **_checkpointing_arguments(config.gradient_checkpointing),
         report_to=[name.strip() for name in config.report_to.split(",")],
-        save_strategy="no",
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
         push_to_hub=False,
         use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False,
@@ -142,21 +153,32 @@ def train(
     config: TrainingConfig,
     callbacks: Sequence[TrainerCallback] = (),
     output_dir: str | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> list[dict]:
     """Fine-tune the trainable parameters of `model` in place and return the Trainer's log history.
 
     `train_dataset` is anything with `__len__` and `__getitem__` (a list of tokenised examples
-    works); the data is cycled when `steps` needs more than one epoch. Checkpointing is off, so
-    only the trackers of `config.report_to` write files, to `output_dir`, else `config.logging_dir`,
-    else a temporary directory.
+    works); the data is cycled when `steps` needs more than one epoch. With `checkpointing` the
+    Trainer saves checkpoints in its directory (and resumes from its `resume_from`); otherwise only
+    the trackers of `config.report_to` write files, to `output_dir`, else `config.logging_dir`, else
+    a temporary directory. A `LossGuard` watches the loss (`config.divergence_factor`).
     """
+    callbacks = [LossGuard(config.divergence_factor), *callbacks]
+    if checkpointing is not None:
+        callbacks.append(checkpointing.callback())  # last: its file marks a checkpoint complete
+        output_dir = str(checkpointing.directory)
+    resume = None if checkpointing is None or checkpointing.resume_from is None else str(checkpointing.resume_from)
     with tempfile.TemporaryDirectory(prefix="loraprune-train-") as scratch:
         trainer = Trainer(
             model=model,
-            args=training_arguments(config, output_dir or config.logging_dir or scratch),
+            args=training_arguments(
+                config,
+                output_dir or config.logging_dir or scratch,
+                save_steps=0 if checkpointing is None else checkpointing.save_steps,
+            ),
             data_collator=data_collator,
             train_dataset=train_dataset,
-            callbacks=list(callbacks),
+            callbacks=callbacks,
         )
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume)
         return list(trainer.state.log_history)

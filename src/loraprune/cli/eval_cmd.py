@@ -4,12 +4,15 @@ with their settings."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from loraprune.config import add_dataclass_arguments, dataclass_from_args
 from loraprune.evaluation import EvalConfig, evaluate_perplexity, evaluate_zero_shot, load_tasks, measure_latency
 from loraprune.io import write_json
-from loraprune.models import default_device, load_model
+from loraprune.models import load_model
+from loraprune.safety.devices import check_device
+from loraprune.safety.output import probe_directory
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     config = dataclass_from_args(EvalConfig, args)
     tasks = load_tasks(config.tasks, config.task_dir) if config.tasks else None  # fail early if unreachable
-    device = default_device() if config.device == "auto" else config.device
+    device = check_device(config.device)
+    if config.json is not None:
+        probe_directory(Path(config.json).expanduser().absolute().parent, f"--json {config.json}")
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=device, adapter=config.adapter)
     report: dict[str, Any] = {"model": config.model, "adapter": config.adapter, "device": device}
     if config.perplexity:

@@ -28,6 +28,9 @@ from loraprune.model_pruning.callback import LoRAPruneCallback
 from loraprune.model_pruning.config import LoRAPruneConfig
 from loraprune.model_pruning.pruner import ModelPruner, PruningTarget
 from loraprune.run_report.record import loss_history
+from loraprune.safety.evidence import require_target
+from loraprune.safety.options import DIVERGENCE_FACTOR
+from loraprune.safety.run_files import RunFiles, resume_folder
 from loraprune.shrink import shrink_model
 from loraprune.structure import Masks
 from loraprune.training import TrainingConfig, train
@@ -55,6 +58,8 @@ class LoraSettings:
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
+    divergence_factor: float = DIVERGENCE_FACTOR
+    files: RunFiles | None = None  # scratch beside the output and checkpoints (None: a temporary directory)
 
     @classmethod
     def of_run(cls, config: Any, **extra: Any) -> LoraSettings:
@@ -66,6 +71,7 @@ class LoraSettings:
             learning_rate=config.learning_rate,
             batch_size=config.batch_size,
             seed=config.seed,
+            divergence_factor=config.divergence_factor,
             **extra,
         )
 
@@ -81,6 +87,7 @@ class LoraSettings:
             bf16=self.bf16,
             fp16=self.fp16,
             gradient_checkpointing=self.gradient_checkpointing,
+            divergence_factor=self.divergence_factor,
         )
 
 
@@ -115,7 +122,16 @@ def train_lora(
     torch.manual_seed(settings.seed)  # adapter initialisation, identical across methods
     peft_model = add_lora(model, settings.rank, settings.alpha, settings.target_modules)
     started = time.perf_counter()
-    history = train(peft_model, windows, default_data_collator, settings.training_config(), callbacks=callbacks)
+    files = settings.files
+    history = train(
+        peft_model,
+        windows,
+        default_data_collator,
+        settings.training_config(),
+        callbacks=callbacks,
+        output_dir=None if files is None else files.trainer_dir,
+        checkpointing=None if files is None else files.checkpointing,
+    )
     seconds = time.perf_counter() - started
     peft_model.eval()
     losses = loss_history(history)
@@ -154,9 +170,10 @@ def loraprune(
             "the model has k-bit (bitsandbytes) weights, which cannot be sliced: pass "
             "full_precision_base, a function that loads the same checkpoint in full precision"
         )
-    callback = LoRAPruneCallback(target, config)
+    callback = LoRAPruneCallback(target, config, resume_from=resume_folder(settings.files))
     run = train_lora(model, windows, settings, callbacks=(callback,))
     pruner = callback.pruner
+    require_target(pruner.finished, "LoRAPrune", pruner.observations, pruner.step, run.log_history)
     masks = pruner.masks
     if is_kbit_model(run.model):
         run.model = full_precision_copy(run.model, full_precision_base())

@@ -258,6 +258,7 @@ def load_sft_dataset(
 ) -> tuple[list[dict], SFTCollator]:
     """Tokenised SFT examples (loss on answer tokens only) and their padding collator."""
     records = load_sft_records(data, split="train", limit=limit)
+    check(len(records) > 0, f"SFT data {data!r} has no records to train on")
     return tokenize_sft(records, tokenizer, max_answer_tokens), SFTCollator(tokenizer.pad_token_id)
 
 
