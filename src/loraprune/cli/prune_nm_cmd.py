@@ -45,10 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from loraprune.report import format_perplexity
+    from loraprune.safety.output import claim_run_output
     from loraprune.semi_structured import prune_nm
     from loraprune.semi_structured.config import PruneNMConfig
 
-    result = prune_nm(dataclass_from_args(PruneNMConfig, args), dataclass_from_args(LoRAPruneConfig, args))
+    config = dataclass_from_args(PruneNMConfig, args)
+    with claim_run_output(config.output, f"--output {config.output}"):
+        result = prune_nm(config, dataclass_from_args(LoRAPruneConfig, args))
     report = result.report
     nm = report["nm"]
     print(f"method            {report['method']}, pattern {nm['pattern']} on {nm['modules']} projections")

@@ -124,7 +124,7 @@ class Checkpointing:
     def record(self, key: str, value: Any) -> None:
         """Record `value` (decided before training) in every checkpoint; on a resumed run it must equal
         what the interrupted run recorded."""
-        if key in self.resumed_state and self.resumed_state[key] != value:
+        if key in self.resumed_state and not _same(self.resumed_state[key], value):
             raise LoraPruneError(
                 f"--resume: this run's {key.replace('_', ' ')} differ from the interrupted run's (in "
                 f"{self.resume_from}); resume with the same model, data and settings"
@@ -138,6 +138,17 @@ class Checkpointing:
     def finish(self) -> None:
         """Remove the checkpoints once the output is saved."""
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality of nested dicts / lists whose leaves may be tensors."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a.cpu(), b.cpu())
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from loraprune.errors import LoraPruneError
@@ -126,3 +126,13 @@ def claim_output(target: str | os.PathLike, what: str = "the output") -> Iterato
         yield path
     finally:
         lock.release()
+
+
+def claim_run_output(target: str | os.PathLike | None, what: str = "the output") -> AbstractContextManager:
+    """`claim_output(target)` on the process that writes (rank 0 under torchrun / accelerate launch); a
+    no-op on the others and without a `target` (the run then fails with its own message)."""
+    from loraprune.distributed import is_main_process
+
+    if target is None or not str(target) or not is_main_process():
+        return nullcontext()
+    return claim_output(target, what)
