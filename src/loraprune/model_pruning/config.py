@@ -17,7 +17,7 @@ class LoRAPruneConfig:
     ema: float = option(0.9, help="weight of the old score in the moving average S = ema*S + (1-ema)*new")
     second_order: bool = option(False, help="add the second-order term -G_B·G_A to the estimated full-weight gradient")
     min_scoring_steps: int = option(
-        3,
+        2,
         help="a pruning event needs scores averaged over at least this many steps with finite gradients "
         "(capped at the steps before the end of the ramp); an earlier event is postponed with a warning, and a "
         "run that never gets them fails instead of pruning on too little evidence",
