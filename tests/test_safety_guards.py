@@ -131,14 +131,18 @@ def _guarded_steps(factor: float, losses: list[float]) -> LossGuard:
 
 def test_the_divergence_guard_compares_with_the_starting_loss():
     assert _guarded_steps(2.5, [4.0, 6.0, 9.9]).start_loss == 4.0  # below 2.5 x 4
-    with pytest.raises(DivergenceError, match=r"rose to 10.1 at step 3, above 2.5 x its starting value 4: .*--divergence-factor 0"):
+    with pytest.raises(
+        DivergenceError, match=r"rose to 10.1 at step 3, above 2.5 x its starting value 4: .*--divergence-factor 0"
+    ):
         _guarded_steps(2.5, [4.0, 6.0, 10.1])
     assert _guarded_steps(0, [4.0, 100.0, float("nan")]).first_nonfinite_step == 3  # off: only recorded
 
 
 def test_require_finite_names_the_first_bad_tensor():
     tensors = [("a", torch.ones(2)), ("b", torch.tensor([1.0, float("inf")])), ("c", torch.tensor([float("nan")]))]
-    with pytest.raises(NonFiniteError, match="tensor b holds NaN/Inf; the training loss first went non-finite at step 7"):
+    with pytest.raises(
+        NonFiniteError, match="tensor b holds NaN/Inf; the training loss first went non-finite at step 7"
+    ):
         require_finite(tensors, "the model", 7)
     require_finite(tensors[:1], "the model", None)
 
