@@ -37,7 +37,9 @@ def _run(output_dir, callback, r: int = 4, crash: bool = False, resume: bool = F
     )
     model = lora_model(r=r)
     callbacks = [callback, Crash()] if crash else [callback]
-    trainer = Trainer(model=model, args=args, data_collator=COLLATOR, train_dataset=token_dataset(), callbacks=callbacks)
+    trainer = Trainer(
+        model=model, args=args, data_collator=COLLATOR, train_dataset=token_dataset(), callbacks=callbacks
+    )
     trainer.train(resume_from_checkpoint=str(output_dir / f"checkpoint-{SAVE_EVERY}") if resume else None)
     return model
 
