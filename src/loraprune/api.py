@@ -83,7 +83,9 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
     Under `torchrun` / `accelerate launch` (DDP) every process trains and only the main one
     writes; the others' report has no `file_size_bytes`. With `config.quantize` LoRAPrune trains on
     k-bit base weights on the GPU; its masks and adapter are then applied to the checkpoint re-loaded
-    in `config.dtype` on the CPU, which is shrunk, merged, evaluated and saved.
+    in `config.dtype` on the CPU, which is shrunk, merged, evaluated and saved. With `config.save_steps`
+    the training checkpoints beside the output, and `config.resume` continues from such a checkpoint
+    (`loraprune.safety.checkpoints`); a model with a NaN/Inf weight is never saved.
     """
     output = check_output_dir(config.output, config.overwrite)
     loraprune_config = loraprune_config or LoRAPruneConfig()

@@ -310,7 +310,8 @@ def prune_adapter(
     writes; the others get None for the saved adapter.
 
     The adapter directory also holds `loraprune_report.json` and its rendering (`report.md`,
-    `report.html`, plots), written atomically with the adapter.
+    `report.html`, plots), written atomically with the adapter. `run_config.save_steps` / `resume`
+    checkpoint and resume the training (`loraprune.safety.checkpoints`).
     """
     check(run_config.output is not None, "an output directory is needed (--output DIR)")
     output = check_output_dir(run_config.output, run_config.overwrite)  # fail before the long training

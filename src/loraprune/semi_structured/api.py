@@ -38,7 +38,8 @@ def prune_nm(config: PruneNMConfig, schedule: LoRAPruneConfig | None = None) -> 
     `schedule`); the one-shot methods prune on calibration windows and then, if `config.steps`,
     train LoRA under the fixed mask. The saved model has the stock config (only weights are
     zero) and `loraprune_report.json`, whose `nm` entry counts the zeros and the groups that
-    break the pattern (always 0: the run fails otherwise).
+    break the pattern (always 0: the run fails otherwise). `config.save_steps` / `config.resume`
+    checkpoint and resume the training (`loraprune.safety.checkpoints`).
     """
     output = check_output_dir(config.output, config.overwrite)
     schedule = schedule or LoRAPruneConfig()
