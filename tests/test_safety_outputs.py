@@ -36,17 +36,17 @@ def unwritable(kind: str, tmp_path: Path) -> Path:
         directory = tmp_path / "read-only"
         directory.mkdir(mode=0o555)
         return directory
-    if (Path("/sys").is_dir() and not os.access("/sys", os.W_OK | os.X_OK)) or _sys_refuses():
+    if Path("/sys").is_dir() and _mkdir_refused(Path("/sys/loraprune-probe")):
         return Path("/sys")  # root writes everywhere but in sysfs
     pytest.skip("no read-only directory for root on this machine")
 
 
-def _sys_refuses() -> bool:
+def _mkdir_refused(path: Path) -> bool:
     try:
-        os.mkdir("/sys/loraprune-probe")
+        path.mkdir()
     except OSError:
         return True
-    os.rmdir("/sys/loraprune-probe")
+    path.rmdir()
     return False
 
 
