@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,14 +169,11 @@ def train(
         callbacks.append(checkpointing.callback())  # last: its file marks a checkpoint complete
         output_dir = str(checkpointing.directory)
     resume = None if checkpointing is None or checkpointing.resume_from is None else str(checkpointing.resume_from)
-    with tempfile.TemporaryDirectory(prefix="loraprune-train-") as scratch:
+    directory = output_dir or config.logging_dir
+    with nullcontext(directory) if directory else tempfile.TemporaryDirectory(prefix="loraprune-train-") as where:
         trainer = Trainer(
             model=model,
-            args=training_arguments(
-                config,
-                output_dir or config.logging_dir or scratch,
-                save_steps=0 if checkpointing is None else checkpointing.save_steps,
-            ),
+            args=training_arguments(config, where, save_steps=0 if checkpointing is None else checkpointing.save_steps),
             data_collator=data_collator,
             train_dataset=train_dataset,
             callbacks=callbacks,
