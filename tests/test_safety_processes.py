@@ -62,7 +62,15 @@ class Stalled:
     """A `loraprune` process held at `stall_at` (see stalling_cli.py) until the test signals it."""
 
     def __init__(self, args: list[str], stall_at: str, marker: Path) -> None:
-        env = {**os.environ, "STALL_AT": stall_at, "STALL_MARKER": str(marker), "OMP_NUM_THREADS": "1"}
+        self.tmpdir = marker.parent / "tmpdir"  # the process' $TMPDIR: nothing of ours may go there
+        self.tmpdir.mkdir(exist_ok=True)
+        env = {
+            **os.environ,
+            "STALL_AT": stall_at,
+            "STALL_MARKER": str(marker),
+            "OMP_NUM_THREADS": "1",
+            "TMPDIR": str(self.tmpdir),
+        }
         self.process = subprocess.Popen(
             [sys.executable, str(TESTS / "stalling_cli.py"), *args],
             env=env,
@@ -100,6 +108,7 @@ def test_sigkill_during_the_save_leaves_debris_that_the_next_run_removes(
     assert len(staged) == 1 and (staged[0] / "model.safetensors").is_file()  # a whole model, mid-save
     code, _ = run.signal(signal.SIGKILL)
     assert code == -signal.SIGKILL and not output.exists()
+    assert not [p.name for p in run.tmpdir.iterdir() if p.name.startswith("loraprune")]
     debris = hidden_debris(tmp_path)
     assert ".out.lock" in debris and any(name.startswith(f".out.train-{run.pid}-") for name in debris), debris
     assert any(name.startswith(f".out.partial-{run.pid}-") for name in debris)
