@@ -215,7 +215,8 @@ def test_default_model_custom_loop_prunes_to_target_without_base_gradients(defau
         optimizer.step()
         pruner.after_optimizer_step(optimizer)
         optimizer.zero_grad()
-    assert pruner.finished and [e["step"] for e in pruner.history] == [1, 2, 3]
+    # the event of step 1 waits for a second step of finite scores (min_scoring_steps=2)
+    assert pruner.finished and [e["step"] for e in pruner.history] == [2, 3]
     assert pruner.decoder_sparsity() == pytest.approx(0.2, abs=0.002)
     with torch.no_grad():
         masked = model(input_ids=ids).logits

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ from loraprune.model_pruning.run import (
 from loraprune.models import load_model
 from loraprune.report import directory_size, layer_table, pruning_report, size_summary
 from loraprune.run_report import REPORT_FILE, write_run_report
+from loraprune.safety.divergence import nonfinite_loss_step
+from loraprune.safety.run_files import RunFiles, run_files
 from loraprune.selection import parse_layers, plan_budget, select
 from loraprune.structure import full_masks, get_adapter
 from loraprune.structure.groups import masks_to_lists
@@ -88,9 +89,21 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
     k-bit base weights on the GPU; its masks and adapter are then applied to the checkpoint re-loaded
     in `config.dtype` on the CPU (by the main process only), which is shrunk, merged, evaluated and saved.
     Everything else runs on `config.device` (`loraprune.devices`), or with `config.device_map` "auto"
-    spread over the GPUs (one-shot methods without recovery training).
+    spread over the GPUs (one-shot methods without recovery training). With `config.save_steps` the
+    training checkpoints beside the output, and `config.resume` continues from such a checkpoint
+    (`loraprune.safety.checkpoints`); a model with a NaN/Inf weight is never saved.
     """
     output = check_output_dir(config.output, config.overwrite)
+    loraprune_config = loraprune_config or LoRAPruneConfig()
+    settings = {"run": dataclasses.asdict(config), "loraprune": dataclasses.asdict(loraprune_config)}
+    with run_files(output, config.save_steps, config.resume, settings, writer=is_main_process()) as files:
+        return _prune_model(config, loraprune_config, output, files)
+
+
+def _prune_model(
+    config: PruneModelConfig, loraprune_config: LoRAPruneConfig, output: Path, files: RunFiles
+) -> PruneResult:
+    """The work of `prune_model`, with its scratch directory and checkpoints in `files`."""
     if config.eval_data:
         load_text(config.eval_data)  # a missing file fails now, not after pruning
     device = resolve_device(config.device, trains=config.steps > 0 or config.method == "loraprune")
@@ -119,6 +132,7 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
         bf16=config.bf16,
         fp16=config.fp16,
         gradient_checkpointing=config.gradient_checkpointing,
+        files=files,
     )
     if config.steps:
         lora.training_config()  # validates the training options before the long work
@@ -143,6 +157,8 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
         masks = select(
             families, scores, full_masks(families), budget, prunable_layers=prunable, allocation=config.allocation
         )
+        if files.checkpointing is not None:
+            files.checkpointing.record("one_shot_masks", masks_to_lists(masks))
         training = recover(model, families, masks, windows, lora)
     else:
         target = PruningTarget(
@@ -158,7 +174,7 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
             windows,
             lora,
             target,
-            loraprune_config or LoRAPruneConfig(),
+            loraprune_config,
             full_precision_base=lambda: load_model(config.model, dtype=config.dtype)[0],
         )
     if training is not None and training.model is None:  # k-bit under DDP: the main process finishes the run
@@ -169,11 +185,10 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
     prune_seconds = time.perf_counter() - started
 
     perplexity_after = requested_perplexity(model, tokenizer, config, "after pruning")
-    adapter_staging = tempfile.TemporaryDirectory(prefix="loraprune-adapter-")
     extra_dirs = {}
     if training is not None and not config.merge_adapter:
-        model = split_adapter(training.model, adapter_staging.name)
-        extra_dirs[ADAPTER_DIR] = adapter_staging.name
+        model = split_adapter(training.model, str(files.scratch / ADAPTER_DIR))
+        extra_dirs[ADAPTER_DIR] = files.scratch / ADAPTER_DIR
     report = pruning_report(
         before,
         model,
@@ -190,7 +205,7 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
         masks=masks_to_lists(masks),
         settings=dataclasses.asdict(config),
         training=None if training is None else training.summary,
-        loraprune_settings=None if one_shot else dataclasses.asdict(loraprune_config or LoRAPruneConfig()),
+        loraprune_settings=None if one_shot else dataclasses.asdict(loraprune_config),
         torch_threads=torch.get_num_threads(),
         device=where,
     )
@@ -202,8 +217,13 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
 
     if is_main_process():  # under torchrun / accelerate launch every process gets here; one writes
         save_pruned_model(
-            model, tokenizer, output, overwrite=config.overwrite, extra_dirs=extra_dirs, finalize=write_reports
+            model,
+            tokenizer,
+            output,
+            overwrite=config.overwrite,
+            extra_dirs=extra_dirs,
+            finalize=write_reports,
+            nonfinite_loss_step=None if training is None else nonfinite_loss_step(training.log_history),
         )
     wait_for_everyone()
-    adapter_staging.cleanup()
     return PruneResult(model=model, tokenizer=tokenizer, output=output, report=report)

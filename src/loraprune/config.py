@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from loraprune.devices import DEVICE_HELP, DEVICE_MAP_HELP, DEVICE_MAPS, check, check_device_map
 from loraprune.errors import ConfigError
+from loraprune.safety.options import DIVERGENCE_FACTOR, DIVERGENCE_HELP, RESUME_HELP, SAVE_STEPS_HELP
 
 T = TypeVar("T")
 
@@ -321,6 +322,9 @@ class PruneModelConfig:
     distill_temperature: float = option(1.0, help="softmax temperature of the distillation term")
     device: str = option("auto", help=DEVICE_HELP)
     device_map: str = option("none", help=DEVICE_MAP_HELP, choices=DEVICE_MAPS)
+    save_steps: int = option(0, help=SAVE_STEPS_HELP)
+    resume: str | None = option(None, help=RESUME_HELP)
+    divergence_factor: float = option(DIVERGENCE_FACTOR, help=DIVERGENCE_HELP)
 
     def __post_init__(self) -> None:
         check_pruning_run(self)

@@ -31,6 +31,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from loraprune.errors import LoraPruneError
+from loraprune.safety.user_errors import read_text_file
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def load_text(name_or_path: str, split: str = "test") -> str:
             path = _local_file("wikitext2", file_name)
             if path is not None:
                 logger.debug("reading wikitext2 %s split from %s", split, path)
-                return path.read_text(encoding="utf-8")
+                return read_text_file(path, "data file")
         hub_split = "validation" if split == "valid" else split
         return "".join(_load_hub_dataset("wikitext", "wikitext-2-raw-v1", hub_split)["text"])
     if name_or_path == "ptb":
@@ -243,7 +244,7 @@ def load_text(name_or_path: str, split: str = "test") -> str:
         return "\n".join(_load_hub_dataset("ptb_text_only", "penn_treebank", hub_split)["sentence"])
     path = Path(name_or_path).expanduser()
     if path.is_file():
-        return path.read_text(encoding="utf-8")
+        return read_text_file(path, "data file")
     source = DatasetSource.parse(name_or_path)
     if source is not None:
         return load_dataset_text(source, split)
@@ -352,21 +353,20 @@ def _chat_record(row: Any) -> ChatRecord:
 
 
 def _read_jsonl_records(path: Path) -> Iterator[SFTRecord | ChatRecord]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if isinstance(row, dict) and "messages" in row:
-                    yield _chat_record(row)
-                else:
-                    yield SFTRecord(question=str(row["question"]), answer=str(row["answer"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise LoraPruneError(
-                    f"{path}:{number}: not a JSON object with 'question' and 'answer', or with 'messages' "
-                    f"[{{role, content}}, ...] ({error!r})"
-                ) from error
+    for number, line in enumerate(read_text_file(path, "SFT data file").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if isinstance(row, dict) and "messages" in row:
+                yield _chat_record(row)
+            else:
+                yield SFTRecord(question=str(row["question"]), answer=str(row["answer"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise LoraPruneError(
+                f"{path}:{number}: not a JSON object with 'question' and 'answer', or with 'messages' "
+                f"[{{role, content}}, ...] ({error!r})"
+            ) from error
 
 
 def load_sft_records(name_or_path: str, split: str = "train", limit: int | None = None) -> list[SFTRecord | ChatRecord]:
@@ -382,7 +382,7 @@ def load_sft_records(name_or_path: str, split: str = "train", limit: int | None 
             return [SFTRecord(rows[i]["question"], rows[i]["answer"]) for i in range(count)]
     else:
         path = Path(name_or_path).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise LoraPruneError(
                 f"SFT data {name_or_path!r} is neither 'gsm8k' nor an existing JSONL file ({path.resolve()} not found)"
             )

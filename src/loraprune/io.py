@@ -20,6 +20,8 @@ from typing import Any
 from torch import nn
 
 from loraprune.errors import LoraPruneError
+from loraprune.safety.finite import require_finite
+from loraprune.safety.staging import owned_temp_dir, temp_prefix
 from loraprune.structure import get_adapter, unwrap_model
 
 REMOTE_CODE = Path(__file__).parent / "remote" / "modeling_loraprune.py"
@@ -59,11 +61,12 @@ def _apply_umask(directory: Path) -> None:
 def atomic_directory(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces `output_dir` only if the block succeeds.
 
-    A failure (or a kill) leaves `output_dir` as it was: absent, or the previous content.
+    A failure (or a kill) leaves `output_dir` as it was: absent, or the previous content. The
+    temporary directories carry this process' PID (`loraprune.safety.staging`), so a later run on
+    the same output removes those a SIGKILL left behind.
     """
     target = check_output_dir(output_dir, overwrite).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    staging = owned_temp_dir(target.parent, temp_prefix(target, "partial"))
     os.chmod(staging, _umask_mode(directory=True))
     try:
         yield staging
@@ -72,7 +75,7 @@ def atomic_directory(output_dir: str | os.PathLike, overwrite: bool = False) -> 
         raise
     _apply_umask(staging)
     if target.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        retired = owned_temp_dir(target.parent, temp_prefix(target, "old"))
         os.rename(target, retired / target.name)
         os.rename(staging, target)
         shutil.rmtree(retired, ignore_errors=True)
@@ -104,8 +107,12 @@ def save_pruned_model(
     extra_json: dict[str, Any] | None = None,
     extra_dirs: dict[str, str | os.PathLike] | None = None,
     finalize: Callable[[Path], None] | None = None,
+    nonfinite_loss_step: int | None = None,
 ) -> bool:
     """Save a (shrunk) model with its tokenizer; returns True if the config is the stock one.
+
+    Refuses (`NonFiniteError`, nothing written) a model with a NaN/Inf tensor; `nonfinite_loss_step`,
+    the step where the training loss first went non-finite, goes into that message.
 
     `extra_json` maps file names to JSON payloads written beside the model (reports);
     `extra_dirs` maps sub-directory names to directories copied in (a separate LoRA adapter);
@@ -116,6 +123,7 @@ def save_pruned_model(
     if hasattr(model, "peft_config"):
         raise LoraPruneError("merge the LoRA adapter (merge_and_unload) before saving the pruned base model")
     root = unwrap_model(model)
+    require_finite(root.state_dict().items(), "the pruned model", nonfinite_loss_step)
     adapter = get_adapter(root)
     config, stock = adapter.config_for_sizes(root, adapter.layer_sizes(root))
     architectures = list(config.architectures)

@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from loraprune.devices import local_cuda_device
 from loraprune.errors import LoraPruneError
 from loraprune.kbit import quantization_config, require_kbit_support
+from loraprune.safety.staging import owned_temp_dir, remove_dead_temp_dirs, temp_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +150,9 @@ def _convert_embedded(name: str, target: Path) -> None:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    prefix = temp_prefix(target, "partial")
+    remove_dead_temp_dirs(target.parent, prefix)  # left by a conversion that was killed
+    staging = owned_temp_dir(target.parent, prefix)
     try:
         staging.chmod(0o755)  # mkdtemp makes it private; the cache is readable like any other
         model.save_pretrained(staging)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from loraprune.config import check, option
 from loraprune.distillation import Distillation
+from loraprune.safety.checkpoints import Checkpointing
+from loraprune.safety.divergence import LossGuard
+from loraprune.safety.options import DIVERGENCE_FACTOR, DIVERGENCE_HELP
 
 
 @dataclass
@@ -58,6 +62,7 @@ class TrainingConfig:
         help="directory for the trackers' local files (tensorboard writes its event files under "
         "LOGGING_DIR/runs/); needed with --report-to tensorboard",
     )
+    divergence_factor: float = option(DIVERGENCE_FACTOR, help=DIVERGENCE_HELP)
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
@@ -69,6 +74,10 @@ class TrainingConfig:
         check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         check(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0")
         check(self.logging_steps >= 1, "logging_steps must be >= 1")
+        check(
+            self.divergence_factor == 0 or self.divergence_factor > 1,
+            f"divergence_factor must be 0 (off) or > 1, got {self.divergence_factor}",
+        )
         check(not (self.bf16 and self.fp16), "choose at most one of --bf16 and --fp16")
         # on the CPU the Trainer has no float16 autocast or loss scaler and would silently train in float32
         check(
@@ -106,9 +115,12 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS))
 
 
-def training_arguments(config: TrainingConfig, output_dir: str, use_cpu: bool | None = None) -> TrainingArguments:
-    """The `TrainingArguments` of `config`: no checkpoints, no hub; on the CPU if `use_cpu` (default: when
-    there is no CUDA device)."""
+def training_arguments(
+    config: TrainingConfig, output_dir: str, use_cpu: bool | None = None, save_steps: int = 0
+) -> TrainingArguments:
+    """The `TrainingArguments` of `config`: checkpoints every `save_steps` steps (0: none), no hub; on the
+    CPU if `use_cpu` (default: when there is no CUDA device); non-finite losses logged as they are (not
+    replaced by earlier ones)."""
     if use_cpu is None:
         use_cpu = not torch.cuda.is_available()
     return TrainingArguments(
@@ -124,11 +136,13 @@ def training_arguments(config: TrainingConfig, output_dir: str, use_cpu: bool | 
         seed=config.seed,
         data_seed=config.seed,
         logging_steps=config.logging_steps,
+        logging_nan_inf_filter=False,
         bf16=config.bf16,
         fp16=config.fp16,
         **_checkpointing_arguments(config.gradient_checkpointing),
         report_to=[name.strip() for name in config.report_to.split(",")],
-        save_strategy="no",
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
         push_to_hub=False,
         use_cpu=use_cpu,
         remove_unused_columns=False,
@@ -161,26 +175,40 @@ def train(
     callbacks: Sequence[TrainerCallback] = (),
     output_dir: str | None = None,
     distillation: Distillation | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> list[dict]:
     """Fine-tune the trainable parameters of `model` in place and return the Trainer's log history.
 
     `train_dataset` is anything with `__len__` and `__getitem__` (a list of tokenised examples
-    works); the data is cycled when `steps` needs more than one epoch. Checkpointing is off, so
-    only the trackers of `config.report_to` write files, to `output_dir`, else `config.logging_dir`,
-    else a temporary directory. The training runs where `model` is (`loraprune.devices`): a model on the
-    CPU trains on the CPU even where a GPU is visible, and one on a GPU on the Trainer's GPU. With
-    `distillation` the loss gets its KL term to the teacher.
+    works); the data is cycled when `steps` needs more than one epoch. With `checkpointing` the
+    Trainer saves checkpoints in its directory (and resumes from its `resume_from`); otherwise only
+    the trackers of `config.report_to` write files, to `output_dir`, else `config.logging_dir`, else
+    a temporary directory. A `LossGuard` watches the loss (`config.divergence_factor`). The training
+    runs where `model` is (`loraprune.devices`): a model on the CPU trains on the CPU even where a GPU
+    is visible, and one on a GPU on the Trainer's GPU. With `distillation` the loss gets its KL term
+    to the teacher.
     """
     use_cpu = next(model.parameters()).device.type == "cpu"
-    with tempfile.TemporaryDirectory(prefix="loraprune-train-") as scratch:
+    callbacks = [LossGuard(config.divergence_factor), *callbacks]
+    if checkpointing is not None:
+        callbacks.append(checkpointing.callback())  # last: its file marks a checkpoint complete
+        output_dir = str(checkpointing.directory)
+    resume = None if checkpointing is None or checkpointing.resume_from is None else str(checkpointing.resume_from)
+    directory = output_dir or config.logging_dir
+    with nullcontext(directory) if directory else tempfile.TemporaryDirectory(prefix="loraprune-train-") as where:
         extra = {} if distillation is None else {"distillation": distillation}
         trainer = (Trainer if distillation is None else DistillingTrainer)(
             model=model,
-            args=training_arguments(config, output_dir or config.logging_dir or scratch, use_cpu=use_cpu),
+            args=training_arguments(
+                config,
+                where,
+                use_cpu=use_cpu,
+                save_steps=0 if checkpointing is None else checkpointing.save_steps,
+            ),
             data_collator=data_collator,
             train_dataset=train_dataset,
-            callbacks=list(callbacks),
+            callbacks=callbacks,
             **extra,
         )
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume)
         return list(trainer.state.log_history)

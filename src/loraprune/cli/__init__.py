@@ -2,8 +2,10 @@
 
 Each sub-command lives in its own module of this package and exposes
 `register(subparsers) -> None`, which adds its parser and sets `func` to a
-`(args) -> int` handler. User errors (`LoraPruneError`) are printed without a
-traceback and exit with status 2.
+`(args) -> int` handler. `main` is the one error boundary: user errors (`LoraPruneError` and
+the exception types `loraprune.safety.user_errors` recognises) are printed as one line and exit
+with status 2 (`--debug` adds their traceback); anything else is a bug and keeps its traceback.
+Ctrl-C exits with 130 and SIGTERM with 143, after the same cleanup.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
 from loraprune.config import add_config_option, parse_args_with_config
 from loraprune.errors import LoraPruneError
+from loraprune.safety.signals import SIGTERM_EXIT, Terminated, sigterm_raises
+from loraprune.safety.user_errors import user_error_message
 
 # Module names under loraprune.cli, in the order `--help` lists them.
 COMMAND_MODULES = (
@@ -50,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="loraprune", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of user errors too")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -79,13 +85,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
-        return int(args.func(args) or 0)
-    except LoraPruneError as error:
-        print(f"loraprune {args.command}: error: {error}", file=sys.stderr)
+        with sigterm_raises():
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as interrupt:
+        terminated = isinstance(interrupt, Terminated)
+        print(
+            f"loraprune {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}; "
+            "temporary files removed, no output was written",
+            file=sys.stderr,
+        )
+        return SIGTERM_EXIT if terminated else 130
+    except Exception as error:
+        message = user_error_message(error)
+        if message is None:
+            raise  # a bug: keep the traceback
+        if args.debug:
+            traceback.print_exc()
+        print(f"loraprune {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; no output was written", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from loraprune.config import add_dataclass_arguments, dataclass_from_args
@@ -12,6 +13,7 @@ from loraprune.devices import placement, resolve_device
 from loraprune.evaluation import EvalConfig, evaluate_perplexity, evaluate_zero_shot, load_tasks, measure_latency
 from loraprune.io import write_json
 from loraprune.models import load_model
+from loraprune.safety.output import probe_directory
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     config = dataclass_from_args(EvalConfig, args)
     tasks = load_tasks(config.tasks, config.task_dir) if config.tasks else None  # fail early if unreachable
     device = resolve_device(config.device)
+    if config.json is not None:
+        probe_directory(Path(config.json).expanduser().absolute().parent, f"--json {config.json}")
     model, tokenizer = load_model(
         config.model, dtype=config.dtype, device=device, adapter=config.adapter, device_map=config.device_map
     )

@@ -13,6 +13,7 @@ from loraprune.config import add_dataclass_arguments, dataclass_from_args
 from loraprune.distributed import is_main_process
 from loraprune.rank_pruning.api import AdapterRunConfig, prune_adapter
 from loraprune.rank_pruning.config import RankPruningConfig
+from loraprune.safety.output import claim_run_output
 from loraprune.training import TrainingConfig
 
 
@@ -46,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     run_config = dataclass_from_args(AdapterRunConfig, args)
     pruning = dataclass_from_args(RankPruningConfig, args)
     training = dataclass_from_args(TrainingConfig, args)
-    result, exported = prune_adapter(run_config, pruning, training)
+    with claim_run_output(run_config.output, f"--output {run_config.output}"):
+        result, exported = prune_adapter(run_config, pruning, training)
     if not is_main_process():  # torchrun / accelerate launch: the main process reports
         return 0
     print(rank_table(result.ranks))

@@ -78,13 +78,15 @@ def run(args: argparse.Namespace) -> int:
     from loraprune.distributed import is_main_process
     from loraprune.model_pruning.run import METHODS
     from loraprune.report import format_perplexity
+    from loraprune.safety.output import claim_run_output
 
     config = dataclass_from_args(PruneModelConfig, args)
     if config.method not in METHODS:
         from loraprune.errors import ConfigError
 
         raise ConfigError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
-    result = prune_model(config, dataclass_from_args(LoRAPruneConfig, args))
+    with claim_run_output(config.output, f"--output {config.output}"):
+        result = prune_model(config, dataclass_from_args(LoRAPruneConfig, args))
     if not is_main_process():  # torchrun / accelerate launch: the main process reports
         return 0
     report = result.report

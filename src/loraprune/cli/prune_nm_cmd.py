@@ -26,6 +26,12 @@ examples:
 """
 
 
+#: LoRAPrune options that do not apply to N:M, whose element scores are always the LoRA-guided estimate
+NOT_FOR_NM = ("score", "form", "normalisation")
+#: prune-nm's defaults for the schedule (the paper's)
+NM_SCHEDULE = {"prune_every": 10, "cooldown": 0.1}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from loraprune.semi_structured.config import PruneNMConfig
 
@@ -39,16 +45,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_dataclass_arguments(parser, PruneNMConfig)
-    add_dataclass_arguments(parser.add_argument_group("LoRAPrune schedule (--method loraprune)"), LoRAPruneConfig)
-    parser.set_defaults(func=run)
+    add_dataclass_arguments(
+        parser.add_argument_group("LoRAPrune schedule (--method loraprune)"), LoRAPruneConfig, skip=NOT_FOR_NM
+    )
+    # N:M keeps the paper's schedule: the 2026-12 study that changed prune-model's defaults did not cover it
+    parser.set_defaults(func=run, **NM_SCHEDULE)
 
 
 def run(args: argparse.Namespace) -> int:
     from loraprune.report import format_perplexity
+    from loraprune.safety.output import claim_run_output
     from loraprune.semi_structured import prune_nm
     from loraprune.semi_structured.config import PruneNMConfig
 
-    result = prune_nm(dataclass_from_args(PruneNMConfig, args), dataclass_from_args(LoRAPruneConfig, args))
+    config = dataclass_from_args(PruneNMConfig, args)
+    with claim_run_output(config.output, f"--output {config.output}"):
+        result = prune_nm(config, dataclass_from_args(LoRAPruneConfig, args))
     report = result.report
     nm = report["nm"]
     print(f"method            {report['method']}, pattern {nm['pattern']} on {nm['modules']} projections")

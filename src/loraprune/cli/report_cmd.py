@@ -17,8 +17,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loraprune.run_report import write_run_report
+    from pathlib import Path
 
+    from loraprune.run_report import load_record, write_run_report
+    from loraprune.safety.output import probe_directory
+
+    load_record(args.directory)  # not a run's output: say so before probing
+    probe_directory(Path(args.directory), f"the report into {args.directory}")
     for path in write_run_report(args.directory):
         print(path)
     return 0

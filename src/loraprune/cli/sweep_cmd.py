@@ -83,6 +83,8 @@ def settings_help(job: JobKind) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from loraprune.errors import ConfigError
+    from loraprune.safety.output import claim_output
+    from loraprune.safety.signals import SIGTERM_EXIT, Terminated
     from loraprune.sweep import JOBS, RESULTS_FILE, TABLE_FILE, load_spec, run_sweep
     from loraprune.sweep.runner import reusable_records
 
@@ -104,14 +106,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(spec.points)} points, {len(spec.points) - len(done)} to run, output {spec.output}")
         return 0
     try:
-        outcome = run_sweep(spec, fresh=args.fresh, command=command, progress=args.progress)
-    except KeyboardInterrupt:
+        with claim_output(spec.output, f"the sweep's output {spec.output}"):
+            outcome = run_sweep(spec, fresh=args.fresh, command=command, progress=args.progress)
+    except KeyboardInterrupt as interrupt:
         print(
-            f"interrupted: the finished points are in {spec.output / RESULTS_FILE}; run the same command again "
-            "to resume",
+            f"{'terminated' if isinstance(interrupt, Terminated) else 'interrupted'}: the finished points are in "
+            f"{spec.output / RESULTS_FILE}; run the same command again to resume",
             file=sys.stderr,
         )
-        return 130
+        return SIGTERM_EXIT if isinstance(interrupt, Terminated) else 130
     summary = outcome.results["summary"]
     print(
         f"sweep {spec.name}: ran {len(outcome.ran)} point(s), reused {len(outcome.reused)}; "

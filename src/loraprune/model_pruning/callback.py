@@ -33,13 +33,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from loraprune.errors import LoraPruneError
 from loraprune.model_pruning.config import LoRAPruneConfig
 from loraprune.model_pruning.pruner import ModelPruner, PruningTarget
+from loraprune.safety.checkpoints import PrunerCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class LoRAPruneCallback(TrainerCallback):
         self.target = target
         self.config = config or LoRAPruneConfig()
         self.adapter = adapter
-        self.resume_from = resume_from
+        self.checkpoint = PrunerCheckpoint(STATE_FILE, type(self).__name__, resume_from)
         self.pruner: ModelPruner | None = None
 
     def on_train_begin(
@@ -78,24 +77,7 @@ class LoRAPruneCallback(TrainerCallback):
             raise LoraPruneError("a LoRAPruneCallback prunes one training run; create a new one per Trainer")
         self.pruner = ModelPruner(model, state.max_steps, self.target, self.config, self.adapter)
         if state.global_step > 0:
-            self._resume(args, state, optimizer)
-
-    def _resume(self, args: TrainingArguments, state: TrainerState, optimizer) -> None:
-        folder = Path(self.resume_from or Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        path = folder / STATE_FILE
-        if not path.is_file():
-            raise LoraPruneError(
-                f"resuming at step {state.global_step} but {path} does not exist; pass "
-                "LoRAPruneCallback(..., resume_from=<the checkpoint folder>)"
-            )
-        saved = torch.load(path, weights_only=True)
-        if saved.get("step") != state.global_step:
-            raise LoraPruneError(
-                f"{path} holds LoRAPrune's state at step {saved.get('step')}, the Trainer resumes "
-                f"at step {state.global_step}"
-            )
-        self.pruner.load_state_dict(saved, optimizer)
-        logger.info("LoRAPrune resumed at step %d from %s", state.global_step, path)
+            self.pruner.load_state_dict(self.checkpoint.load(args, state), optimizer)
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
@@ -108,11 +90,7 @@ class LoRAPruneCallback(TrainerCallback):
         self.pruner.after_optimizer_step(optimizer)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
-        if not state.is_world_process_zero:
-            return
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if folder.is_dir():
-            torch.save(self.pruner.state_dict(), folder / STATE_FILE)
+        self.checkpoint.save(args, state, self.pruner.state_dict)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         if not self.pruner.finished:

@@ -51,6 +51,12 @@ class LoRAPruneConfig:
         choices=NORMALISATIONS,
     )
     second_order: bool = option(False, help="add the second-order term -G_B·G_A to the estimated full-weight gradient")
+    min_scoring_steps: int = option(
+        2,
+        help="a pruning event needs scores averaged over at least this many steps with finite gradients "
+        "(capped at the steps before the end of the ramp); an earlier event is postponed with a warning, and a "
+        "run that never gets them fails instead of pruning on too little evidence",
+    )
 
     def __post_init__(self) -> None:
         check(self.prune_every >= 1, f"prune_every must be >= 1, got {self.prune_every}")
@@ -66,3 +72,4 @@ class LoRAPruneConfig:
             self.normalisation in NORMALISATIONS,
             f"normalisation must be one of {NORMALISATIONS}, got {self.normalisation!r}",
         )
+        check(self.min_scoring_steps >= 1, f"min_scoring_steps must be >= 1, got {self.min_scoring_steps}")

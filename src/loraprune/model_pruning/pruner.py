@@ -50,6 +50,7 @@ from loraprune.importance.activation_gradient import ActivationGradientScores
 from loraprune.importance.lora_guided import LoraGuidedCriterion, lora_layer
 from loraprune.masking import MaskHooks
 from loraprune.model_pruning.config import LoRAPruneConfig
+from loraprune.safety.evidence import enough_scoring_steps
 from loraprune.schedule import CubicSchedule
 from loraprune.selection import KINDS, Budget, parse_layers, plan_budget, select
 from loraprune.shrink import shrink_model
@@ -233,8 +234,9 @@ class ModelPruner:
         self._zero_pruned_slices()
         if not self._due(self.step):
             return None
-        if not self.scores:
-            logger.warning("LoRAPrune: no finite scores yet at step %d; pruning postponed", self.step)
+        if not enough_scoring_steps(
+            "LoRAPrune", self.observations, self.config.min_scoring_steps, self.schedule.ramp_end, self.step
+        ):
             return None
         budget = self.target_at(self.step)
         masks = select(

@@ -32,6 +32,9 @@ from loraprune.model_pruning.callback import LoRAPruneCallback
 from loraprune.model_pruning.config import LoRAPruneConfig
 from loraprune.model_pruning.pruner import ModelPruner, PruningTarget
 from loraprune.run_report.record import loss_history
+from loraprune.safety.evidence import require_target
+from loraprune.safety.options import DIVERGENCE_FACTOR
+from loraprune.safety.run_files import RunFiles, resume_folder
 from loraprune.shrink import shrink_model
 from loraprune.structure import GroupFamily, Masks
 from loraprune.training import TrainingConfig, train
@@ -66,6 +69,8 @@ class LoraSettings:
     #: weight and temperature of the KL term to the unpruned model (0: plain language-modelling loss)
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
+    divergence_factor: float = DIVERGENCE_FACTOR
+    files: RunFiles | None = None  # scratch beside the output and checkpoints (None: a temporary directory)
 
     @classmethod
     def of_run(cls, config: Any, **extra: Any) -> LoraSettings:
@@ -78,6 +83,7 @@ class LoraSettings:
             batch_size=config.batch_size,
             seed=config.seed,
             **{name: getattr(config, name) for name in DISTILL_FIELDS if hasattr(config, name)},
+            divergence_factor=config.divergence_factor,
             **extra,
         )
 
@@ -93,6 +99,7 @@ class LoraSettings:
             bf16=self.bf16,
             fp16=self.fp16,
             gradient_checkpointing=self.gradient_checkpointing,
+            divergence_factor=self.divergence_factor,
         )
 
 
@@ -141,6 +148,7 @@ def train_lora(
             dense_context=lambda: dense_peft_model(peft_model, unmasked),
         )
     started = time.perf_counter()
+    files = settings.files
     history = train(
         peft_model,
         windows,
@@ -148,6 +156,8 @@ def train_lora(
         settings.training_config(),
         callbacks=callbacks,
         distillation=distillation,
+        output_dir=None if files is None else files.trainer_dir,
+        checkpointing=None if files is None else files.checkpointing,
     )
     seconds = time.perf_counter() - started
     peft_model.eval()
@@ -190,9 +200,10 @@ def loraprune(
             "the model has k-bit (bitsandbytes) weights, which cannot be sliced: pass "
             "full_precision_base, a function that loads the same checkpoint in full precision"
         )
-    callback = LoRAPruneCallback(target, config)
+    callback = LoRAPruneCallback(target, config, resume_from=resume_folder(settings.files))
     run = train_lora(model, windows, settings, callbacks=(callback,), unmasked=lambda: callback.pruner.unmasked())
     pruner = callback.pruner
+    require_target(pruner.finished, "LoRAPrune", pruner.observations, pruner.step, run.log_history)
     masks = pruner.masks
     if is_kbit_model(run.model):
         run.model = full_precision_copy(run.model, full_precision_base()) if is_main_process() else None

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from transformers import PreTrainedModel, TrainerCallback
 
@@ -42,6 +43,10 @@ from loraprune.rank_pruning.state import find_lora_modules
 from loraprune.report import count_parameters, environment
 from loraprune.run_report import REPORT_FILE, write_run_report
 from loraprune.run_report.record import loss_history
+from loraprune.safety.divergence import nonfinite_loss_step
+from loraprune.safety.finite import require_finite
+from loraprune.safety.options import RESUME_HELP, SAVE_STEPS_HELP
+from loraprune.safety.run_files import RunFiles, resume_folder, run_files
 from loraprune.training import TrainingConfig, train
 
 logger = logging.getLogger(__name__)
@@ -76,11 +81,18 @@ class AdapterRunConfig:
     )
     overwrite: bool = option(False, help="replace an existing output directory")
     device: str = option("auto", help=DEVICE_HELP)
+    save_steps: int = option(0, help=SAVE_STEPS_HELP)
+    resume: str | None = option(None, help=RESUME_HELP)
 
     def __post_init__(self) -> None:
         check(self.quantize in QUANTIZE_CHOICES, f"quantize must be one of {QUANTIZE_CHOICES}, got {self.quantize!r}")
         check(self.train_limit is None or self.train_limit >= 1, "train_limit must be >= 1")
         check(self.max_answer_tokens >= 1, "max_answer_tokens must be >= 1")
+        check(
+            self.method != "adalora" or (self.save_steps == 0 and self.resume is None),
+            "adalora runs cannot be checkpointed or resumed exactly (PEFT keeps its rank allocator's state "
+            "outside the checkpoints); drop --save-steps / --resume",
+        )
 
 
 @dataclass
@@ -97,14 +109,20 @@ class AdapterRun:
 
 
 def create_adapter(
-    model: PreTrainedModel, method: str, pruning: RankPruningConfig, total_steps: int
+    model: PreTrainedModel,
+    method: str,
+    pruning: RankPruningConfig,
+    total_steps: int,
+    resume_from: Path | None = None,
 ) -> tuple[PeftModel, list[TrainerCallback]]:
-    """Wrap `model` in the adapter of `method` and return the callbacks its training needs."""
+    """Wrap `model` in the adapter of `method` and return the callbacks its training needs (which read
+    their state from the checkpoint folder `resume_from` when the run resumes)."""
     check(method in METHODS, f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     scaling = pruning.lora_alpha / pruning.r0
     targets = pruning.target_modules
     if method == "prunedlora":
-        return add_lora(model, pruning.r0, pruning.lora_alpha, targets), [RankPruningCallback(pruning)]
+        adapter = add_lora(model, pruning.r0, pruning.lora_alpha, targets)
+        return adapter, [RankPruningCallback(pruning, resume_from=resume_from)]
     if method == "lora":
         return add_lora(model, pruning.rank, scaling * pruning.rank, targets), []
     if method == "lora-r0":
@@ -130,12 +148,24 @@ def train_adapter(
     method: str,
     pruning: RankPruningConfig,
     training: TrainingConfig,
+    files: RunFiles | None = None,
 ) -> AdapterRun:
-    """Fine-tune `model` with the adapter of `method`; the returned run holds the final ranks."""
+    """Fine-tune `model` with the adapter of `method`; the returned run holds the final ranks.
+
+    `files`: the scratch directory and checkpoints of the run (None: a temporary directory, no checkpoints).
+    """
     torch.manual_seed(training.seed)  # adapter initialisation, identical across methods
-    adapter, callbacks = create_adapter(model, method, pruning, training.steps)
+    adapter, callbacks = create_adapter(model, method, pruning, training.steps, resume_folder(files))
     start = time.perf_counter()
-    history = train(adapter, train_dataset, data_collator, training, callbacks=callbacks)
+    history = train(
+        adapter,
+        train_dataset,
+        data_collator,
+        training,
+        callbacks=callbacks,
+        output_dir=None if files is None else files.trainer_dir,
+        checkpointing=None if files is None else files.checkpointing,
+    )
     seconds = time.perf_counter() - start
     pruner = next((c.pruner for c in callbacks if isinstance(c, RankPruningCallback)), None)
     if pruner is not None:
@@ -179,8 +209,10 @@ def save_adapter(
 ) -> ExportedAdapter:
     """Save the run's adapter in standard PEFT format, physically at its final ranks.
 
-    `finalize(staging)` runs last inside the atomic write (files derived from the adapter).
+    `finalize(staging)` runs last inside the atomic write (files derived from the adapter). An adapter
+    with a NaN/Inf factor is refused (`NonFiniteError`, nothing written).
     """
+    loss_step = nonfinite_loss_step(run.log_history)
     if run.method != "adalora":
         active = (
             run.pruner.active_components()
@@ -188,8 +220,15 @@ def save_adapter(
             else {name: torch.ones(rank, dtype=torch.bool) for name, rank in run.ranks.items()}
         )
         return export_pruned_adapter(
-            run.model, active, output_dir, base_model_name_or_path, overwrite=overwrite, finalize=finalize
+            run.model,
+            active,
+            output_dir,
+            base_model_name_or_path,
+            overwrite=overwrite,
+            finalize=finalize,
+            nonfinite_loss_step=loss_step,
         )
+    require_finite(get_peft_model_state_dict(run.model).items(), "the adapter", loss_step)
     if base_model_name_or_path is not None:
         run.model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
@@ -264,6 +303,7 @@ def load_sft_dataset(
 ) -> tuple[list[dict], SFTCollator]:
     """Tokenised SFT examples (loss on answer tokens only) and their padding collator."""
     records = load_sft_records(data, split="train", limit=limit)
+    check(len(records) > 0, f"SFT data {data!r} has no records to train on")
     return tokenize_sft(records, tokenizer, max_answer_tokens), SFTCollator(tokenizer.pad_token_id)
 
 
@@ -276,17 +316,31 @@ def prune_adapter(
     writes; the others get None for the saved adapter.
 
     The adapter directory also holds `loraprune_report.json` and its rendering (`report.md`,
-    `report.html`, plots), written atomically with the adapter.
+    `report.html`, plots), written atomically with the adapter. `run_config.save_steps` / `resume`
+    checkpoint and resume the training (`loraprune.safety.checkpoints`).
     """
     check(run_config.output is not None, "an output directory is needed (--output DIR)")
-    check_output_dir(run_config.output, run_config.overwrite)  # fail before the long training
+    output = check_output_dir(run_config.output, run_config.overwrite)  # fail before the long training
+    settings = {
+        "run": dataclasses.asdict(run_config),
+        "pruning": dataclasses.asdict(pruning),
+        "training": dataclasses.asdict(training),
+    }
+    with run_files(output, run_config.save_steps, run_config.resume, settings, writer=is_main_process()) as files:
+        return _prune_adapter(run_config, pruning, training, files)
+
+
+def _prune_adapter(
+    run_config: AdapterRunConfig, pruning: RankPruningConfig, training: TrainingConfig, files: RunFiles
+) -> tuple[AdapterRun, ExportedAdapter | None]:
+    """The work of `prune_adapter`, with its scratch directory and checkpoints in `files`."""
     device = resolve_device(run_config.device, trains=True)
     model, tokenizer = load_model(run_config.model, dtype=run_config.dtype, device=device, quantize=run_config.quantize)
     base_parameters = count_parameters(model)
     dataset, collator = load_sft_dataset(
         run_config.data, tokenizer, run_config.train_limit, run_config.max_answer_tokens
     )
-    run = train_adapter(model, dataset, collator, run_config.method, pruning, training)
+    run = train_adapter(model, dataset, collator, run_config.method, pruning, training, files)
     report = adapter_report(run, run_config, pruning, training, base_parameters)
     report["device"] = device
 

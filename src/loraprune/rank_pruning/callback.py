@@ -11,19 +11,26 @@ by the end of the last micro-batch's backward pass, so every rank accumulates th
 curvature statistics and takes the same decisions; the masks and LoRA weights are broadcast
 from rank 0 after each event. Under FSDP2 the (small) LoRA matrices and gradients are gathered
 whole for the statistics and scores, and each rank writes the recovery update into its own
-shards. Export from the main process after loading `loraprune.distributed.full_state_dict(model)`
-into an unsharded copy: `export_pruned_adapter(copy, pruner.active_components(), ...)`.
+shards. Checkpoints (`on_save`) carry the pruner's state in `STATE_FILE`; a resumed run reads it back
+from `<output_dir>/checkpoint-<step>` or `resume_from`. Export from the main process after loading
+`loraprune.distributed.full_state_dict(model)` into an unsharded copy:
+`export_pruned_adapter(copy, pruner.active_components(), ...)`.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from loraprune.errors import LoraPruneError
 from loraprune.rank_pruning.config import RankPruningConfig
 from loraprune.rank_pruning.pruner import RankPruner
+from loraprune.safety.checkpoints import PrunerCheckpoint
+
+#: file of a Trainer checkpoint folder that holds PrunedLoRA's state
+STATE_FILE = "loraprune_rank_pruning.pt"
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +38,12 @@ logger = logging.getLogger(__name__)
 class RankPruningCallback(TrainerCallback):
     """Prunes the rank of the model's LoRA adapter while `Trainer` trains it; `pruner` holds the result."""
 
-    def __init__(self, config: RankPruningConfig, adapter: str = "default") -> None:
+    def __init__(
+        self, config: RankPruningConfig, adapter: str = "default", resume_from: str | Path | None = None
+    ) -> None:
         self.config = config
         self.adapter = adapter
+        self.checkpoint = PrunerCheckpoint(STATE_FILE, type(self).__name__, resume_from)
         self.pruner: RankPruner | None = None
 
     def on_train_begin(
@@ -42,6 +52,8 @@ class RankPruningCallback(TrainerCallback):
         if self.pruner is not None:
             raise LoraPruneError("a RankPruningCallback prunes one training run; create a new one per run")
         self.pruner = RankPruner(model, self.config, total_steps=state.max_steps, adapter=self.adapter)
+        if state.global_step > 0:
+            self.pruner.load_state_dict(self.checkpoint.load(args, state))
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
@@ -52,6 +64,9 @@ class RankPruningCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer=None, **kwargs
     ) -> None:
         self.pruner.step(state.global_step + 1, optimizer)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        self.checkpoint.save(args, state, lambda: {**self.pruner.state_dict(), "step": state.global_step})
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         if not self.pruner.finished:

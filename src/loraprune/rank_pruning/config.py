@@ -82,6 +82,12 @@ class RankPruningConfig:
         choices=("none", "l2"),
     )
     min_rank: int = option(0, help="global schedule: no module goes below this rank (0 lets a module vanish)")
+    allow_magnitude_fallback: bool = option(
+        False,
+        help="obs and taylor: when no step since the last pruning event gave finite gradients, score that event "
+        "by magnitude (|b_j|*|a_j|) with a warning; off (default), the run fails instead, since such gradients "
+        "mean the training diverged",
+    )
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from loraprune.errors import LoraPruneError
 from loraprune.io import atomic_directory, write_json
 from loraprune.rank_pruning.state import find_lora_modules
+from loraprune.safety.finite import require_finite
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RANKS_FILE = "pruned_ranks.json"
@@ -49,6 +50,7 @@ def export_pruned_adapter(
     adapter: str = "default",
     overwrite: bool = False,
     finalize: Callable[[Path], None] | None = None,
+    nonfinite_loss_step: int | None = None,
 ) -> ExportedAdapter:
     """Write the adapter `adapter` of `model`, shrunk to the `active` components of each module.
 
@@ -56,7 +58,8 @@ def export_pruned_adapter(
     masks over the trained rank. `base_model_name_or_path` is written into
     `adapter_config.json` (default: the one the adapter was created with); it should be a
     path or hub id that loads as it stands. The directory is written atomically; `finalize(staging)`
-    runs last inside it (files derived from the adapter, such as its report).
+    runs last inside it (files derived from the adapter, such as its report). Non-finite factors are
+    refused (`NonFiniteError`, nothing written; `nonfinite_loss_step` is named in the message).
     """
     config = model.peft_config[adapter]
     if getattr(config, "use_rslora", False) or getattr(config, "use_dora", False):
@@ -84,6 +87,7 @@ def export_pruned_adapter(
         alphas[module.name] = alpha_train * keep.numel() / r_train
     if not ranks:
         raise LoraPruneError("every LoRA module was pruned to rank 0: there is no adapter to save")
+    require_finite(state.items(), "the adapter", nonfinite_loss_step)
 
     exported = copy.deepcopy(config)
     common_rank = Counter(ranks.values()).most_common(1)[0][0]

@@ -34,11 +34,13 @@ and the scores, and each rank writes the recovery update into its own shards.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -54,6 +56,8 @@ from loraprune.rank_pruning.schedule import RankSchedule
 from loraprune.rank_pruning.state import CurvatureStats, LoraModule, RankMasks, find_lora_modules
 
 logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
 
 
 @dataclass
@@ -243,6 +247,12 @@ class RankPruner:
         criterion = self.config.criterion
         count = max(self.stats.count, 1)
         if self.stats.count == 0 and criterion in ("obs", "taylor"):
+            if not self.config.allow_magnitude_fallback:
+                raise LoraPruneError(
+                    f"PrunedLoRA: no step since the last pruning event gave finite gradients, so the {criterion} "
+                    "score has no evidence (the training diverged: lower --learning-rate); "
+                    "--allow-magnitude-fallback scores such events by magnitude instead"
+                )
             logger.warning("pruning without gradient statistics: the score falls back to magnitude")
         hinv_b: list[Tensor | None] = [None] * len(self.modules)
         hinv_a: list[Tensor | None] = [None] * len(self.modules)
@@ -332,6 +342,57 @@ class RankPruner:
             param.data for module in self.modules for param in (module.lora_a, module.lora_b) if not is_sharded(param)
         ]
         broadcast_from_main([self.masks.active, *replicated])
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run besides the LoRA weights and the optimizer (which the
+        Trainer checkpoints): masks, the statistics window, the history."""
+        state: dict[str, Any] = {
+            "version": STATE_VERSION,
+            "config": dataclasses.asdict(self.config),
+            "events": list(self.schedule.events),
+            "active": self.masks.active.cpu().clone(),
+            "gram_a": self.stats.gram_a.cpu().clone(),
+            "gram_b": self.stats.gram_b.cpu().clone(),
+            "grad_a": [g.cpu().clone() for g in self.stats.grad_a],
+            "grad_b": [g.cpu().clone() for g in self.stats.grad_b],
+            "count": self.stats.count,
+            "skipped_steps": self.skipped_steps,
+            "history": [dataclasses.asdict(event) for event in self.history],
+        }
+        if self.activations is not None:
+            state["activation_gram"] = self.activations.gram.cpu().clone()
+            state["activation_rows"] = self.activations.rows.cpu().clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()` of a run with the same options and length."""
+        config = dataclasses.asdict(self.config)
+        config["target_modules"] = list(config["target_modules"])
+        saved = dict(state.get("config", {}))
+        saved["target_modules"] = list(saved.get("target_modules", ()))
+        if state.get("version") != STATE_VERSION or saved != config or state["events"] != list(self.schedule.events):
+            raise LoraPruneError(
+                "the saved PrunedLoRA state belongs to a run with other options or steps; resume with the "
+                "settings of the interrupted run"
+            )
+        if state["active"].shape != self.masks.active.shape:
+            raise LoraPruneError("the saved PrunedLoRA masks do not match this adapter's modules")
+        device = self.masks.active.device
+        self.masks.active.copy_(state["active"].to(device))
+        self.stats.gram_a.copy_(state["gram_a"].to(device))
+        self.stats.gram_b.copy_(state["gram_b"].to(device))
+        self.stats.grad_a = [g.to(device) for g in state["grad_a"]]
+        self.stats.grad_b = [g.to(device) for g in state["grad_b"]]
+        self.stats.count = state["count"]
+        self.skipped_steps = state["skipped_steps"]
+        self.history = [PruningEvent(**event) for event in state["history"]]
+        if self.activations is not None:
+            self.activations.gram.copy_(state["activation_gram"].to(device))
+            self.activations.rows.copy_(state["activation_rows"].to(device))
+            if self.finished:
+                self.activations.remove_hooks()
 
     # ---- results ----------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -16,6 +17,8 @@ from loraprune.model_pruning.config import LoRAPruneConfig
 from loraprune.model_pruning.run import LoraSettings, training_windows
 from loraprune.models import load_model
 from loraprune.report import directory_size, environment, size_summary
+from loraprune.safety.divergence import nonfinite_loss_step
+from loraprune.safety.run_files import RunFiles, run_files
 from loraprune.semi_structured.config import PruneNMConfig
 from loraprune.semi_structured.one_shot import prune_one_shot
 from loraprune.semi_structured.run import loraprune_nm, masked_recovery, nm_summary, require_pattern
@@ -36,18 +39,26 @@ def prune_nm(config: PruneNMConfig, schedule: LoRAPruneConfig | None = None) -> 
     `schedule`); the one-shot methods prune on calibration windows and then, if `config.steps`,
     train LoRA under the fixed mask. The saved model has the stock config (only weights are
     zero) and `loraprune_report.json`, whose `nm` entry counts the zeros and the groups that
-    break the pattern (always 0: the run fails otherwise).
+    break the pattern (always 0: the run fails otherwise). `config.save_steps` / `config.resume`
+    checkpoint and resume the training (`loraprune.safety.checkpoints`).
     """
     output = check_output_dir(config.output, config.overwrite)
+    schedule = schedule or LoRAPruneConfig(prune_every=10, cooldown=0.1)  # the paper's, as `prune-nm`
+    settings = {"run": dataclasses.asdict(config), "loraprune": dataclasses.asdict(schedule)}
+    with run_files(output, config.save_steps, config.resume, settings) as files:
+        return _prune_nm(config, schedule, output, files)
+
+
+def _prune_nm(config: PruneNMConfig, schedule: LoRAPruneConfig, output: Path, files: RunFiles) -> NMResult:
+    """The work of `prune_nm`, with its scratch directory and checkpoints in `files`."""
     if config.eval_data:
         load_text(config.eval_data)  # a missing file fails now, not after pruning
     pattern = config.nm_pattern
-    schedule = schedule or LoRAPruneConfig()
     device = resolve_device(config.device, trains=config.steps > 0 or config.method == "loraprune")
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=device)
     modules = nm_modules(model, pattern, config.layers)
     windows = training_windows(tokenizer, config.calibration_data, config.seq_len) if config.steps else None
-    lora = LoraSettings.of_run(config)
+    lora = LoraSettings.of_run(config, files=files)
     batches = None
     if config.method in ("wanda", "sparsegpt"):
         batches = calibration_batches(
@@ -72,6 +83,8 @@ def prune_nm(config: PruneNMConfig, schedule: LoRAPruneConfig | None = None) -> 
             block_size=config.sparsegpt_block_size,
             damp=config.sparsegpt_damp,
         )
+        if files.checkpointing is not None:
+            files.checkpointing.record("one_shot_masks", {name: mask.cpu() for name, mask in masks.items()})
         if config.steps:
             perplexity_one_shot = requested_perplexity(model, tokenizer, config, "after one-shot pruning")
             model, run = masked_recovery(model, masks, windows, lora)
@@ -98,7 +111,14 @@ def prune_nm(config: PruneNMConfig, schedule: LoRAPruneConfig | None = None) -> 
         "device": device,
         "environment": environment(),
     }
-    save_pruned_model(model, tokenizer, output, overwrite=config.overwrite, extra_json={REPORT_FILE: report})
+    save_pruned_model(
+        model,
+        tokenizer,
+        output,
+        overwrite=config.overwrite,
+        extra_json={REPORT_FILE: report},
+        nonfinite_loss_step=None if training is None else nonfinite_loss_step(run.log_history),
+    )
     report["file_size_bytes"] = directory_size(output)
     write_json(output / REPORT_FILE, report)
     return NMResult(model=model, tokenizer=tokenizer, output=output, report=report)

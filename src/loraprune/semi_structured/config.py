@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from loraprune.config import check, check_pruning_run, option
 from loraprune.devices import DEVICE_HELP
 from loraprune.models import DTYPES
+from loraprune.safety.options import DIVERGENCE_FACTOR, DIVERGENCE_HELP, RESUME_HELP, SAVE_STEPS_HELP
 from loraprune.semi_structured.one_shot import ONE_SHOT_METHODS
 from loraprune.semi_structured.pattern import NMPattern
 
@@ -59,6 +60,9 @@ class PruneNMConfig:
     seed: int = option(0, help="seed for calibration sampling and training")
     overwrite: bool = option(False, help="replace OUTPUT if it exists (the old one stays until the new one is done)")
     device: str = option("auto", help=DEVICE_HELP)
+    save_steps: int = option(0, help=SAVE_STEPS_HELP)
+    resume: str | None = option(None, help=RESUME_HELP)
+    divergence_factor: float = option(DIVERGENCE_FACTOR, help=DIVERGENCE_HELP)
 
     def __post_init__(self) -> None:
         check_pruning_run(self)

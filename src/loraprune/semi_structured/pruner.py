@@ -38,6 +38,7 @@ it), LoRA dropout, DoRA, quantised base weights.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -48,12 +49,15 @@ from torch import nn
 from loraprune.errors import LoraPruneError
 from loraprune.importance.lora_guided import element_importance
 from loraprune.model_pruning.config import LoRAPruneConfig
+from loraprune.safety.evidence import enough_scoring_steps
 from loraprune.schedule import CubicSchedule
 from loraprune.semi_structured.masked_lora import MaskedMergedForward, merge_masked
 from loraprune.semi_structured.pattern import NMPattern, nm_mask
 from loraprune.semi_structured.targets import base_linear, nm_modules
 
 logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
 
 
 class NMPruner:
@@ -149,8 +153,9 @@ class NMPruner:
         target = self.schedule.amount(self.step, self.pattern.m - self.pattern.n)
         if target <= self.removed_per_group:
             return None
-        if not self.scores:
-            logger.warning("LoRAPrune N:M: no finite scores yet at step %d; pruning postponed", self.step)
+        if not enough_scoring_steps(
+            "LoRAPrune N:M", self.observations, self.config.min_scoring_steps, self.schedule.ramp_end, self.step
+        ):
             return None
         keep = self.pattern.m - target
         masks = {
@@ -179,6 +184,47 @@ class NMPruner:
             )
         self.forward.remove()
         return merge_masked(self.model, self.masks, self.adapter)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run: schedule position, element scores, masks, history."""
+        return {
+            "version": STATE_VERSION,
+            "pattern": str(self.pattern),
+            "config": dataclasses.asdict(self.config),
+            "total_steps": self.schedule.total_steps,
+            "modules": list(self.modules),
+            "step": self.step,
+            "observations": self.observations,
+            "skipped_steps": self.skipped_steps,
+            "removed_per_group": self.removed_per_group,
+            "scores": {name: value.cpu().clone() for name, value in self.scores.items()},
+            "masks": {name: mask.cpu().clone() for name, mask in self.masks.items()},
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()` of a run with the same pattern, options, length and modules."""
+        expected = {
+            "version": STATE_VERSION,
+            "pattern": str(self.pattern),
+            "config": dataclasses.asdict(self.config),
+            "total_steps": self.schedule.total_steps,
+            "modules": list(self.modules),
+        }
+        for name, value in expected.items():
+            if state.get(name) != value:
+                raise LoraPruneError(
+                    f"the saved LoRAPrune N:M state has another {name}; resume with the settings of the interrupted run"
+                )
+        device = {name: base_linear(self.model, name).weight.device for name in self.modules}
+        self.step = state["step"]
+        self.observations = state["observations"]
+        self.skipped_steps = state["skipped_steps"]
+        self.removed_per_group = state["removed_per_group"]
+        self.scores = {name: value.to(device[name]) for name, value in state["scores"].items()}
+        self.masks = {name: mask.to(device[name]) for name, mask in state["masks"].items()}
+        self.forward.update(self.masks)
+        self.history = list(state["history"])
 
     def summary(self) -> dict[str, Any]:
         return {

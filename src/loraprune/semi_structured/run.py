@@ -17,6 +17,8 @@ from transformers import PreTrainedModel
 from loraprune.errors import LoraPruneError
 from loraprune.model_pruning.config import LoRAPruneConfig
 from loraprune.model_pruning.run import LoraRun, LoraSettings, train_lora
+from loraprune.safety.evidence import require_target
+from loraprune.safety.run_files import resume_folder
 from loraprune.semi_structured.callback import FixedMaskCallback, NMPruneCallback
 from loraprune.semi_structured.masked_lora import merge_masked
 from loraprune.semi_structured.pattern import NMPattern, group_nonzeros
@@ -33,9 +35,10 @@ def loraprune_nm(
     layers: str = "all",
 ) -> tuple[nn.Module, LoraRun, NMPruner]:
     """LoRA training with LoRAPrune N:M; returns the merged N:M model, the run and the pruner."""
-    callback = NMPruneCallback(pattern, config, layers)
+    callback = NMPruneCallback(pattern, config, layers, resume_from=resume_folder(settings.files))
     run = train_lora(model, windows, settings, callbacks=(callback,))
     pruner = callback.pruner
+    require_target(pruner.finished, "LoRAPrune N:M", pruner.observations, pruner.step, run.log_history)
     run.summary["loraprune_nm"] = pruner.summary()
     return pruner.finish(), run, pruner
 

@@ -60,8 +60,9 @@ class JobKind:
     check: Callable[[dict[str, Any], tuple[str, ...]], None] = lambda configs, metrics: None
 
 
-# Both jobs write to a directory of the sweep's choosing, which they may replace.
-MANAGED = {"run": {"output": "<the point's output>", "overwrite": True}}
+# Both jobs write to a directory of the sweep's choosing, which they may replace; a sweep resumes by
+# points, so its jobs keep no checkpoints.
+MANAGED = {"run": {"output": "<the point's output>", "overwrite": True, "save_steps": 0, "resume": None}}
 
 # ---------------------------------------------------------------------------- model pruning
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -26,6 +26,7 @@ from tqdm import tqdm
 from loraprune.errors import ConfigError, LoraPruneError
 from loraprune.io import write_json
 from loraprune.report import environment
+from loraprune.safety.staging import owned_temp_dir, remove_dead_temp_dirs
 from loraprune.sweep.jobs import JobRunner
 from loraprune.sweep.plots import plot_sweep
 from loraprune.sweep.spec import Point, SweepSpec, jsonable
@@ -40,6 +41,9 @@ POINTS_DIR = "points"
 #: sweep whose results are committed (benchmarks/results/) never commits a half-written point
 SCRATCH_DIR = ".scratch"
 FORMAT = "loraprune-sweep/1"
+#: name prefix of a point's scratch directory, followed by the sweep's PID (so a later sweep removes the
+#: scratch of a killed one)
+SCRATCH_PREFIX = "point-"
 
 
 @dataclass
@@ -152,8 +156,12 @@ def point_output(spec: SweepSpec, point: Point) -> Iterator[Path]:
     scratch_root = spec.output / SCRATCH_DIR
     scratch_root.mkdir(exist_ok=True)
     (scratch_root / ".gitignore").write_text("# loraprune sweep: the running point's outputs\n*\n")
-    with tempfile.TemporaryDirectory(prefix=f"point-{point.id}-", dir=scratch_root) as scratch:
-        yield Path(scratch) / "output"
+    remove_dead_temp_dirs(scratch_root, SCRATCH_PREFIX)  # points of a sweep that was killed
+    scratch = owned_temp_dir(scratch_root, SCRATCH_PREFIX)
+    try:
+        yield scratch / "output"
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def reusable_records(spec: SweepSpec) -> dict[str, dict[str, Any]]:

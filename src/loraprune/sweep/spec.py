@@ -34,6 +34,7 @@ from typing import Any
 
 from loraprune.config import _base_type, suggest
 from loraprune.errors import ConfigError, LoraPruneError
+from loraprune.safety.user_errors import read_text_file
 from loraprune.sweep.jobs import JOBS, Derived, JobKind
 
 _NO_VALUE = object()  # a value that does not fit the field (None is a valid value)
@@ -94,10 +95,10 @@ def load_spec(path: str | Path, output: str | Path | None = None) -> SweepSpec:
     import yaml
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise LoraPruneError(f"sweep spec {path} not found")
     try:
-        source = yaml.safe_load(path.read_text())
+        source = yaml.safe_load(read_text_file(path, "sweep spec"))
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from error
     return parse_spec(source, path=path, output=output)
