@@ -73,9 +73,9 @@ class PhaseSpy:
     def watch_trainer(self) -> None:
         original = training.training_arguments
 
-        def spy(config, output_dir, use_cpu=None):
+        def spy(config, output_dir, use_cpu=None, **options):
             self.trainer_cpu.append(use_cpu)
-            return original(config, output_dir, use_cpu=use_cpu)
+            return original(config, output_dir, use_cpu=use_cpu, **options)
 
         self.monkeypatch.setattr(training, "training_arguments", spy)
 
@@ -108,7 +108,7 @@ def test_prune_model_runs_every_phase_on_the_requested_device(spy, tiny_model_di
     spy.watch_loading(api)
     spy.watch_trainer()
     spy.label(api, "requested_perplexity", "perplexity")
-    spy.label(api, "train_lora", "training")
+    spy.label(api, "recover", "training")
     spy.label(api, "get_criterion")  # returns the criterion; label its scoring below
     from loraprune.importance.taylor import TaylorCriterion
 
