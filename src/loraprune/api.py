@@ -98,6 +98,7 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
         allocation=config.allocation,
         attention_sparsity=config.attention_sparsity,
         mlp_sparsity=config.mlp_sparsity,
+        rules=config.width_rules,
     )
     one_shot = config.method != "loraprune"
     windows = training_windows(tokenizer, config.calibration_data, config.seq_len) if config.steps else None
@@ -130,7 +131,13 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
     if one_shot:
         scores = criterion.score(model, families, batches)
         masks = select(
-            families, scores, full_masks(families), budget, prunable_layers=prunable, allocation=config.allocation
+            families,
+            scores,
+            full_masks(families),
+            budget,
+            prunable_layers=prunable,
+            allocation=config.allocation,
+            rules=config.width_rules,
         )
         shrink_model(model, families, masks)
         if config.steps:
@@ -143,6 +150,8 @@ def prune_model(config: PruneModelConfig, loraprune_config: LoRAPruneConfig | No
             config.layers,
             config.allocation,
             config.attention_unit,
+            config.round_to,
+            config.uniform_attention,
         )
         training, masks = loraprune(
             model,
