@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
             model_name=config.model,
             progress=config.progress,
             split=config.split,
+            protocol=config.protocol,
         )
         print(result)
         report.update(result.to_dict())

@@ -18,6 +18,7 @@ from pathlib import Path
 import gguf
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from loraprune.data import adds_bos
 from loraprune.errors import LoraPruneError
 
 # llama.cpp's pre-tokenizer check text: whitespace runs, emoji, digits, CJK, contractions.
@@ -111,7 +112,6 @@ def add_vocab(writer: gguf.GGUFWriter, directory: str | Path, vocab_size: int, p
         writer.add_add_space_prefix(prefix_space)
     special = gguf.SpecialVocab(directory, load_merges=True)
     # llama.cpp adds BOS exactly when the Hugging Face tokenizer does, so both score the same tokens
-    bos = tokenizer.bos_token_id
-    special.add_special_token["bos"] = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    special.add_special_token["bos"] = adds_bos(tokenizer)
     special.add_to_gguf(writer, quiet=True)
     return pre
