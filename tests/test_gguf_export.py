@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
-import subprocess
 from pathlib import Path
 
 import gguf
@@ -20,6 +18,7 @@ from loraprune.cli import main
 from loraprune.errors import LoraPruneError
 from loraprune.evaluation import evaluate_perplexity
 from loraprune.export import export_gguf
+from loraprune.export.llamacpp import llama_perplexity
 from loraprune.io import save_pruned_model
 from loraprune.models import load_model
 from loraprune.shrink import shrink_model
@@ -234,13 +233,6 @@ def test_cli_writes_the_file_and_says_what_it_wrote(byte_tokenizer, tmp_path, ca
 LLAMA_CPP_DIR = os.environ.get("LLAMA_CPP_DIR")
 
 
-def _llama_binary(name: str) -> Path:
-    for candidate in (Path(LLAMA_CPP_DIR) / "bin" / name, Path(LLAMA_CPP_DIR) / name):
-        if candidate.is_file():
-            return candidate
-    pytest.skip(f"{name} not found under LLAMA_CPP_DIR={LLAMA_CPP_DIR}")
-
-
 @pytest.mark.skipif(not LLAMA_CPP_DIR, reason="set LLAMA_CPP_DIR to a llama.cpp build (its bin/ folder or above)")
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_llama_cpp_computes_the_perplexity_transformers_computes(byte_tokenizer, tmp_path, arch):
@@ -252,12 +244,7 @@ def test_llama_cpp_computes_the_perplexity_transformers_computes(byte_tokenizer,
     export_gguf(path, tmp_path / "m.gguf", outtype="f32", tokenizer_pre="gpt-2", progress=False)
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
-    run = subprocess.run(
-        [str(_llama_binary("llama-perplexity")), "-m", str(tmp_path / "m.gguf"), "-f", str(text),
-         "-c", "32", "-b", "32", "--chunks", "8", "-t", "1"],
-        capture_output=True, text=True, timeout=300, check=True,
-    )  # fmt: skip
-    llama_cpp = float(re.search(r"Final estimate: PPL = ([0-9.]+)", run.stdout + run.stderr).group(1))
+    llama_cpp = llama_perplexity(LLAMA_CPP_DIR, tmp_path / "m.gguf", text, ctx=32, chunks=8)
     hf, tokenizer = load_model(str(path))
     ours = evaluate_perplexity(hf, tokenizer, str(text), seq_len=32, max_tokens=8 * 32, protocol="llama.cpp",
                                progress=False)  # fmt: skip
