@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 import torch
 from transformers import TrainerCallback
 
+from loraprune.cli import main
 from loraprune.errors import ConfigError
 from loraprune.model_pruning import LoRAPruneCallback, LoRAPruneConfig, ModelPruner, PruningTarget
 from loraprune.selection import WidthRules, plan_budget, select
@@ -114,3 +116,17 @@ def test_loraprune_schedule_honours_round_to_at_every_event():
     for widths in seen:
         assert all(count % 8 == 0 for key, count in widths.items() if key.endswith("mlp"))
         assert len({count for key, count in widths.items() if key.endswith("attention")}) == 1
+
+
+def test_prune_model_cli_round_to_and_uniform_attention(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    argv = ["prune-model", "--model", str(tiny_model_dir), "--output", str(out), "--method", "magnitude"]
+    assert main([*argv, "--sparsity", "0.3", "--round-to", "32", "--uniform-attention"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "loraprune_report.json").read_text())
+    assert all(row["channels"] % 32 == 0 for row in report["layers"])
+    assert len({row["heads"] for row in report["layers"]}) == 1
+    assert f"{report['sparsity_decoder']:.2%} removed, the nearest feasible to --sparsity 30.00%" in printed
+    assert report["settings"]["round_to"] == 32 and report["settings"]["uniform_attention"] is True
+    assert main([*argv, "--sparsity", "0.3", "--round-to", "7", "--overwrite"]) == 2
+    assert "96 MLP channels, not a multiple of round_to 7" in capsys.readouterr().err

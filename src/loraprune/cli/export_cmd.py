@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 GGUF_EPILOG = """\
 Same widths in every layer: llama.cpp's architecture for the model (llama for Llama/Mistral/
@@ -57,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_gguf(args: argparse.Namespace) -> int:
     from loraprune.export import export_gguf
 
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # the writer logs every file it opens
     result = export_gguf(
         args.model_dir,
         args.output,
