@@ -60,6 +60,7 @@ class Setting:
     allocation: str = "global"
     round_to: int = 1
     outtypes: tuple[str, ...] = ("f32", "q8_0")
+    check_perplexity: bool = True  # the width study only times the exports
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--llama-cpp-dir", default=None, help="an existing llama.cpp build (skips building)")
     parser.add_argument("--text", default=None, help="text file (default: $LORAPRUNE_DATA_DIR/wikitext2/wiki.test.raw)")
     parser.add_argument("--ctx", type=int, default=128, help="llama-perplexity -c: window length")
-    parser.add_argument("--chunks", type=int, default=64, help="llama-perplexity --chunks: windows scored")
+    parser.add_argument("--chunks", type=int, default=16, help="llama-perplexity --chunks: windows scored")
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads (1 on a shared machine)")
     parser.add_argument("--bench-repeats", type=int, default=3, help="llama-bench -r")
     parser.add_argument("--round-to", type=int, nargs="*", default=[8, 32, 64, 128], help="N for the width study")
@@ -105,7 +106,8 @@ def settings(round_to: list[int]) -> list[Setting]:
         Setting("global-50", 0.5),
         Setting("uniform-20", 0.2, allocation="uniform"),
     ]
-    return main + [Setting(f"global-50-round{n}", 0.5, round_to=n, outtypes=("q8_0",)) for n in round_to]
+    study = [Setting(f"global-50-round{n}", 0.5, round_to=n, check_perplexity=False) for n in round_to]
+    return main + study
 
 
 def pruned(model, families, scores, prunable, setting: Setting):
@@ -128,19 +130,26 @@ def measure(args: argparse.Namespace, build: Path, text: Path, work: Path) -> di
     adapter = get_adapter(model)
     families = adapter.families(model, "auto")
     prunable = list(range(len(adapter.layer_sizes(model))))
-    batches = calibration_batches(tokenizer, "wikitext2", 16, 128, seed=0)
     started = time.perf_counter()
-    scores = get_criterion("taylor").score(model, families, batches)
+    scores_file = work / "taylor_scores.pt"  # the same for every run: computed once
+    if scores_file.is_file():
+        scores = torch.load(scores_file)
+    else:
+        batches = calibration_batches(tokenizer, "wikitext2", 16, 128, seed=0)
+        scores = get_criterion("taylor").score(model, families, batches)
+        torch.save(scores, scores_file)
     rows, dense_flops, dense_bench = [], None, {}
     for setting in settings(args.round_to):
         print(f"== {setting.name}", flush=True)
         candidate = pruned(model, families, scores, prunable, setting)
         directory = work / "models" / setting.name
         save_pruned_model(candidate, tokenizer, directory, overwrite=True)
-        ours = evaluate_perplexity(
-            candidate, tokenizer, str(text), seq_len=args.ctx, max_tokens=args.chunks * args.ctx,
-            protocol="llama.cpp", progress=False,
-        )  # fmt: skip
+        ours = None
+        if setting.check_perplexity:
+            ours = evaluate_perplexity(
+                candidate, tokenizer, str(text), seq_len=args.ctx, max_tokens=args.chunks * args.ctx,
+                protocol="llama.cpp", progress=False,
+            )  # fmt: skip
         flops = forward_flops(candidate, args.ctx)
         dense_flops = dense_flops or flops
         row: dict[str, Any] = {
@@ -151,34 +160,35 @@ def measure(args: argparse.Namespace, build: Path, text: Path, work: Path) -> di
             "params": size_summary(candidate)["params"],
             "sparsity_decoder": 1 - size_summary(candidate)["decoder_params"] / size_summary(model)["decoder_params"],
             "flops_ratio": flops / dense_flops,
-            "loraprune_ppl": ours.perplexity,
+            "loraprune_ppl": ours and ours.perplexity,
             "layers": layer_table(candidate),
             "exports": {},
         }
         for outtype in setting.outtypes:
             path = work / f"{setting.name}-{outtype}.gguf"
             export = export_gguf(directory, path, outtype=outtype, overwrite=True, progress=False)
-            ppl = llama_perplexity(build, path, text, args.ctx, args.chunks, args.threads)
             bench = llama_bench(build, path, repeats=args.bench_repeats, threads=args.threads)
             if setting.name == "dense":
                 dense_bench[outtype] = bench
             reference = dense_bench.get(outtype, bench)
-            gap = ppl / ours.perplexity - 1
-            row["exports"][outtype] = {
+            entry: dict[str, Any] = {
                 "architecture": export.architecture,
                 "file_size_bytes": export.file_size_bytes,
                 "tensor_types": export.tensor_types,
                 "f16_fallbacks": len(export.fallbacks),
-                "llama_cpp_ppl": ppl,
-                "relative_gap": gap,
-                "goal": GOALS[outtype],
-                "met": abs(gap) <= GOALS[outtype],
+            }
+            if ours is not None:
+                ppl = llama_perplexity(build, path, text, args.ctx, args.chunks, args.threads)
+                gap = ppl / ours.perplexity - 1
+                entry.update(llama_cpp_ppl=ppl, relative_gap=gap, goal=GOALS[outtype], met=abs(gap) <= GOALS[outtype])
+                print(f"   {outtype}: llama.cpp {ppl:.4f} vs loraprune {ours.perplexity:.4f} ({gap:+.3%})", flush=True)
+            row["exports"][outtype] = {
+                **entry,
                 **bench,
                 "pp_speedup": bench["pp_tokens_per_s"] / reference["pp_tokens_per_s"],
                 "tg_speedup": bench["tg_tokens_per_s"] / reference["tg_tokens_per_s"],
             }
             path.unlink()
-            print(f"   {outtype}: llama.cpp {ppl:.4f} vs loraprune {ours.perplexity:.4f} ({gap:+.3%})", flush=True)
         rows.append(row)
     return {"rows": rows, "seconds": time.perf_counter() - started}
 
@@ -203,11 +213,17 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for row in results["rows"]:
         for outtype, e in row["exports"].items():
+            checked = "llama_cpp_ppl" in e
+            agreement = (
+                f"{row['loraprune_ppl']:.4f} | {outtype} | {e['llama_cpp_ppl']:.4f} | {e['relative_gap']:+.3%} | "
+                f"{'met' if e['met'] else '**missed**'}"
+                if checked
+                else f"- | {outtype} | - | - | -"
+            )
             lines.append(
                 f"| {row['setting']} | {e['architecture']} | {row['sparsity_decoder']:.2%} | {row['params']:,} | "
-                f"{row['flops_ratio']:.3f} | {row['loraprune_ppl']:.4f} | {outtype} | {e['llama_cpp_ppl']:.4f} | "
-                f"{e['relative_gap']:+.3%} | {'met' if e['met'] else '**missed**'} | {e['pp_tokens_per_s']:.1f} | "
-                f"{e['pp_speedup']:.2f}x | {e['tg_tokens_per_s']:.1f} | {e['tg_speedup']:.2f}x | {e['f16_fallbacks']} |"
+                f"{row['flops_ratio']:.3f} | {agreement} | {e['pp_tokens_per_s']:.1f} | {e['pp_speedup']:.2f}x | "
+                f"{e['tg_tokens_per_s']:.1f} | {e['tg_speedup']:.2f}x | {e['f16_fallbacks']} |"
             )
     lines.append("")
     return "\n".join(lines)

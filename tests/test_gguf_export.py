@@ -218,6 +218,10 @@ def test_what_the_export_cannot_represent_is_refused_with_one_line(byte_tokenize
     )
     assert main(["export", "gguf", str(tmp_path), str(tmp_path / "x.gguf")]) == 2
     assert "is not a saved model directory (no config.json)" in capsys.readouterr().err
+    config = (path / "config.json").read_text()
+    (path / "config.json").write_text(config.replace('"loraprune_llama"', '"phi3"'))
+    with pytest.raises(LoraPruneError, match=r"supports model types llama, mistral, qwen2; .* is 'phi3'"):
+        export_gguf(path, tmp_path / "m.gguf", progress=False)
 
 
 def test_cli_writes_the_file_and_says_what_it_wrote(byte_tokenizer, tmp_path, capsys):

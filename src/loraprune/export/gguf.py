@@ -144,10 +144,6 @@ def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
 def _check_representable(checkpoint: Checkpoint, sizes: list[LayerSizes]) -> None:
     """Refuse what llama.cpp's architectures would run differently from transformers."""
     config, kind = checkpoint.config, checkpoint.model_type
-    if kind not in SINGLE_WIDTH:
-        raise LoraPruneError(
-            f"GGUF export supports model types {', '.join(SINGLE_WIDTH)}; {checkpoint.directory} is {kind!r}"
-        )
     if config.get("hidden_act", "silu") != "silu":
         raise LoraPruneError(f"llama.cpp's Llama block uses SiLU; this model uses {config['hidden_act']!r}")
     rope_type = _rope_parameters(config).get("rope_type", "default")
@@ -257,6 +253,11 @@ def export_gguf(
     if not output.parent.is_dir():
         raise LoraPruneError(f"cannot write {output}: directory {output.parent} does not exist")
     checkpoint = Checkpoint.open(model_dir)
+    if checkpoint.model_type not in SINGLE_WIDTH:
+        raise LoraPruneError(
+            f"GGUF export supports model types {', '.join(SINGLE_WIDTH)}; {checkpoint.directory} is "
+            f"{checkpoint.model_type!r}"
+        )
     sizes = checkpoint.layer_sizes()
     _check_representable(checkpoint, sizes)
     spec = SINGLE_WIDTH[checkpoint.model_type] if all(s == sizes[0] for s in sizes) else PER_LAYER
