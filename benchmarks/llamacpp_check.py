@@ -106,7 +106,9 @@ def settings(round_to: list[int]) -> list[Setting]:
         Setting("global-50", 0.5),
         Setting("uniform-20", 0.2, allocation="uniform"),
     ]
-    study = [Setting(f"global-50-round{n}", 0.5, round_to=n, check_perplexity=False) for n in round_to]
+    study = [
+        Setting(f"global-50-round{n}", 0.5, round_to=n, outtypes=("q8_0",), check_perplexity=False) for n in round_to
+    ]
     return main + study
 
 
