@@ -127,7 +127,9 @@ def pruned(model, families, scores, prunable, setting: Setting):
     return copy_
 
 
-def measure(args: argparse.Namespace, build: Path, text: Path, work: Path) -> dict[str, Any]:
+def measure(args: argparse.Namespace, build: Path, text: Path, work: Path, results: dict[str, Any]) -> None:
+    """Fill `results["rows"]`, one setting after the other, writing the results after each (a long run
+    that is stopped keeps what it measured)."""
     model, tokenizer = load_model(DEFAULT_MODEL)
     adapter = get_adapter(model)
     families = adapter.families(model, "auto")
@@ -140,7 +142,7 @@ def measure(args: argparse.Namespace, build: Path, text: Path, work: Path) -> di
         batches = calibration_batches(tokenizer, "wikitext2", 16, 128, seed=0)
         scores = get_criterion("taylor").score(model, families, batches)
         torch.save(scores, scores_file)
-    rows, dense_flops, dense_bench = [], None, {}
+    rows, dense_flops, dense_bench = results.setdefault("rows", []), None, {}
     for setting in settings(args.round_to):
         print(f"== {setting.name}", flush=True)
         candidate = pruned(model, families, scores, prunable, setting)
@@ -192,7 +194,22 @@ def measure(args: argparse.Namespace, build: Path, text: Path, work: Path) -> di
             }
             path.unlink()
         rows.append(row)
-    return {"rows": rows, "seconds": time.perf_counter() - started}
+        results["seconds"] = time.perf_counter() - started
+        write_results(args, results)
+
+
+def write_results(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """OUTPUT.json, OUTPUT.md, and the widths of the 50 % models for benchmarks/pruned_latency.py."""
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_json(output.with_suffix(".json"), results)
+    output.with_suffix(".md").write_text(markdown(results))
+    widths = [
+        {"method": row["setting"], "sparsity": row["sparsity_target"], "layers": row["layers"]}
+        for row in results["rows"]
+        if row["setting"].startswith("global-50")
+    ]
+    write_json(output.parent / f"{output.name}_widths.json", {"rows": widths})
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -248,18 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(),
         "llama_cpp": build.parent.parent.parent.name if "vendor" in build.parts else str(build),
         "torch_threads": torch.get_num_threads(),
-        **measure(args, build, text, work),
     }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_json(output.with_suffix(".json"), results)
-    output.with_suffix(".md").write_text(markdown(results))
-    widths = [
-        {"method": row["setting"], "sparsity": row["sparsity_target"], "layers": row["layers"]}
-        for row in results["rows"]
-        if row["setting"].startswith("global-50")
-    ]
-    write_json(output.parent / f"{output.name}_widths.json", {"rows": widths})
+    measure(args, build, text, work, results)
     print(markdown(results))
     return 0
 
