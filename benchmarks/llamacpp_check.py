@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from loraprune.data import calibration_batches
+from loraprune.data import calibration_batches, load_text
 from loraprune.evaluation import evaluate_perplexity
 from loraprune.evaluation.latency import forward_flops
 from loraprune.export import export_gguf
@@ -72,8 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunks", type=int, default=16, help="llama-perplexity --chunks: windows scored")
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads (1 on a shared machine)")
     parser.add_argument("--bench-repeats", type=int, default=3, help="llama-bench -r")
-    parser.add_argument("--round-to", type=int, nargs="*", default=[8, 32, 64, 128], help="N for the width study")
+    parser.add_argument("--round-to", type=int, nargs="*", default=[32, 128, 8, 64], help="N for the width study")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "llamacpp_check"))
+    parser.add_argument(
+        "--widths-only",
+        action="store_true",
+        help="only write OUTPUT_widths.json (the 50 %% models' widths, for pruned_latency.py); no llama.cpp",
+    )
     return parser.parse_args(argv)
 
 
@@ -103,8 +108,8 @@ def settings(round_to: list[int]) -> list[Setting]:
     main = [
         Setting("dense"),
         Setting("global-20", 0.2),
-        Setting("global-50", 0.5),
         Setting("uniform-20", 0.2, allocation="uniform"),
+        Setting("global-50", 0.5),
     ]
     study = [
         Setting(f"global-50-round{n}", 0.5, round_to=n, outtypes=("q8_0",), check_perplexity=False) for n in round_to
@@ -146,6 +151,11 @@ def measure(args: argparse.Namespace, build: Path, text: Path, work: Path, resul
     for setting in settings(args.round_to):
         print(f"== {setting.name}", flush=True)
         candidate = pruned(model, families, scores, prunable, setting)
+        if args.widths_only:
+            rows.append(
+                {"setting": setting.name, "sparsity_target": setting.sparsity, "layers": layer_table(candidate)}
+            )
+            continue
         directory = work / "models" / setting.name
         save_pruned_model(candidate, tokenizer, directory, overwrite=True)
         ours = None
@@ -196,14 +206,17 @@ def measure(args: argparse.Namespace, build: Path, text: Path, work: Path, resul
         rows.append(row)
         results["seconds"] = time.perf_counter() - started
         write_results(args, results)
+    if args.widths_only:
+        write_results(args, results)
 
 
 def write_results(args: argparse.Namespace, results: dict[str, Any]) -> None:
     """OUTPUT.json, OUTPUT.md, and the widths of the 50 % models for benchmarks/pruned_latency.py."""
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_json(output.with_suffix(".json"), results)
-    output.with_suffix(".md").write_text(markdown(results))
+    if not args.widths_only:
+        write_json(output.with_suffix(".json"), results)
+        output.with_suffix(".md").write_text(markdown(results))
     widths = [
         {"method": row["setting"], "sparsity": row["sparsity_target"], "layers": row["layers"]}
         for row in results["rows"]
@@ -251,23 +264,34 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cache = Path(args.cache).expanduser()
-    build = Path(args.llama_cpp_dir).expanduser() if args.llama_cpp_dir else ensure_build(cache)
-    for tool in TOOLS[:2]:
-        find_tool(build, tool)
+    build = Path(args.llama_cpp_dir).expanduser() if args.llama_cpp_dir else None
+    if not args.widths_only:
+        build = build or ensure_build(cache)
+        for tool in TOOLS[:2]:
+            find_tool(build, tool)
     data_dir = os.environ.get("LORAPRUNE_DATA_DIR", str(ROOT.parent / "shared" / "data"))
-    text = Path(args.text or Path(data_dir) / "wikitext2" / "wiki.test.raw")
+    source = Path(args.text or Path(data_dir) / "wikitext2" / "wiki.test.raw")
     work = cache / "llamacpp-check"
     work.mkdir(parents=True, exist_ok=True)
+    # llama-perplexity reads the file's bytes as they are (wiki.test.raw has CRLF line ends); loraprune
+    # reads text with universal newlines: both sides get the text loraprune reads, written with LF
+    text = work / "text.txt"
+    text.write_text(load_text(str(source)), encoding="utf-8")
     torch.manual_seed(0)
     results: dict[str, Any] = {
         "command": "python benchmarks/llamacpp_check.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "settings": {**vars(args), "text": str(text)},
+        "settings": {**vars(args), "text": str(source)},
         "environment": environment(),
-        "llama_cpp": build.parent.parent.parent.name if "vendor" in build.parts else str(build),
+        "llama_cpp": None
+        if build is None
+        else build.parent.parent.parent.name
+        if "vendor" in build.parts
+        else str(build),
         "torch_threads": torch.get_num_threads(),
     }
     measure(args, build, text, work, results)
-    print(markdown(results))
+    if not args.widths_only:
+        print(markdown(results))
     return 0
 
 

@@ -4,6 +4,10 @@ Used to check exports against their source model (benchmarks/llamacpp_check.py a
 that run when `LLAMA_CPP_DIR` points at a build). llama.cpp prints through an asynchronous
 logger that can lose its last lines when the process exits; the final estimate is among them,
 so a run that lost it is repeated (the computation is deterministic).
+
+Weight repacking (llama.cpp's extra CPU buffer types) is off: on a CPU that reports AMX under a
+kernel or VM that does not enable it, llama.cpp's AMX kernels for q8_0 die with SIGILL, and the
+same setting on every model keeps the comparisons fair.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ def llama_perplexity(
 ) -> float:
     """`llama-perplexity -c ctx --chunks chunks` of the GGUF file `model` on the text file `text`."""
     command = [str(find_tool(build, "llama-perplexity")), "-m", str(model), "-f", str(text), "-c", str(ctx)]
-    command += ["-b", str(ctx), "--chunks", str(chunks), "-t", str(threads)]
+    command += ["-b", str(ctx), "--chunks", str(chunks), "-t", str(threads), "--no-repack"]
     output = ""
     with tempfile.TemporaryDirectory(prefix="llama-perplexity-") as scratch:
         log = Path(scratch) / "log.txt"
@@ -53,7 +57,7 @@ def llama_bench(
 ) -> dict[str, float]:
     """Tokens per second of prompt processing (`pp`) and generation (`tg`), mean and spread over repeats."""
     command = [str(find_tool(build, "llama-bench")), "-m", str(model), "-p", str(prompt), "-n", str(generate)]
-    command += ["-r", str(repeats), "-t", str(threads), "-o", "json"]
+    command += ["-r", str(repeats), "-t", str(threads), "--repack", "0", "-o", "json"]
     run = subprocess.run(command, capture_output=True, text=True, check=False)
     if run.returncode != 0:
         raise LoraPruneError(f"llama-bench failed ({run.returncode}): {(run.stdout + run.stderr)[-2000:]}")
