@@ -24,6 +24,7 @@ import argparse
 import copy
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -69,9 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--llama-cpp-dir", default=None, help="an existing llama.cpp build (skips building)")
     parser.add_argument("--text", default=None, help="text file (default: $LORAPRUNE_DATA_DIR/wikitext2/wiki.test.raw)")
     parser.add_argument("--ctx", type=int, default=128, help="llama-perplexity -c: window length")
-    parser.add_argument("--chunks", type=int, default=16, help="llama-perplexity --chunks: windows scored")
+    parser.add_argument("--chunks", type=int, default=8, help="llama-perplexity --chunks: windows scored")
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads (1 on a shared machine)")
-    parser.add_argument("--bench-repeats", type=int, default=3, help="llama-bench -r")
+    parser.add_argument("--bench-repeats", type=int, default=2, help="llama-bench -r")
+    parser.add_argument("--bench-rounds", type=int, default=3, help="interleaved llama-bench rounds over all files")
     parser.add_argument("--round-to", type=int, nargs="*", default=[32, 128, 8, 64], help="N for the width study")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "llamacpp_check"))
     parser.add_argument(
@@ -133,8 +135,7 @@ def pruned(model, families, scores, prunable, setting: Setting):
 
 
 def measure(args: argparse.Namespace, build: Path, text: Path, work: Path, results: dict[str, Any]) -> None:
-    """Fill `results["rows"]`, one setting after the other, writing the results after each (a long run
-    that is stopped keeps what it measured)."""
+    """Fill `results["rows"]`, one setting after the other, then time every export (`speed_pass`)."""
     model, tokenizer = load_model(DEFAULT_MODEL)
     adapter = get_adapter(model)
     families = adapter.families(model, "auto")
@@ -147,7 +148,7 @@ def measure(args: argparse.Namespace, build: Path, text: Path, work: Path, resul
         batches = calibration_batches(tokenizer, "wikitext2", 16, 128, seed=0)
         scores = get_criterion("taylor").score(model, families, batches)
         torch.save(scores, scores_file)
-    rows, dense_flops, dense_bench = results.setdefault("rows", []), None, {}
+    rows, dense_flops, files = results.setdefault("rows", []), None, []
     for setting in settings(args.round_to):
         print(f"== {setting.name}", flush=True)
         candidate = pruned(model, families, scores, prunable, setting)
@@ -181,10 +182,7 @@ def measure(args: argparse.Namespace, build: Path, text: Path, work: Path, resul
         for outtype in setting.outtypes:
             path = work / f"{setting.name}-{outtype}.gguf"
             export = export_gguf(directory, path, outtype=outtype, overwrite=True, progress=False)
-            bench = llama_bench(build, path, repeats=args.bench_repeats, threads=args.threads)
-            if setting.name == "dense":
-                dense_bench[outtype] = bench
-            reference = dense_bench.get(outtype, bench)
+            files.append((row, outtype, path))
             entry: dict[str, Any] = {
                 "architecture": export.architecture,
                 "file_size_bytes": export.file_size_bytes,
@@ -196,18 +194,34 @@ def measure(args: argparse.Namespace, build: Path, text: Path, work: Path, resul
                 gap = ppl / ours.perplexity - 1
                 entry.update(llama_cpp_ppl=ppl, relative_gap=gap, goal=GOALS[outtype], met=abs(gap) <= GOALS[outtype])
                 print(f"   {outtype}: llama.cpp {ppl:.4f} vs loraprune {ours.perplexity:.4f} ({gap:+.3%})", flush=True)
-            row["exports"][outtype] = {
-                **entry,
-                **bench,
-                "pp_speedup": bench["pp_tokens_per_s"] / reference["pp_tokens_per_s"],
-                "tg_speedup": bench["tg_tokens_per_s"] / reference["tg_tokens_per_s"],
-            }
-            path.unlink()
+            row["exports"][outtype] = entry
         rows.append(row)
-        results["seconds"] = time.perf_counter() - started
-        write_results(args, results)
-    if args.widths_only:
-        write_results(args, results)
+    if not args.widths_only:
+        speed_pass(args, build, files)
+    results["seconds"] = time.perf_counter() - started
+    write_results(args, results)
+
+
+def speed_pass(args: argparse.Namespace, build: Path, files: list[tuple[dict[str, Any], str, Path]]) -> None:
+    """llama-bench of every export, interleaved: `--bench-rounds` rounds over all files, the median per
+    file, so that a change of the shared machine's load hits every model alike; then the files go."""
+    measured: dict[Path, list[dict[str, float]]] = {path: [] for _, _, path in files}
+    for round_ in range(args.bench_rounds):
+        print(f"== llama-bench round {round_ + 1}/{args.bench_rounds}", flush=True)
+        for _, _, path in files:
+            measured[path].append(llama_bench(build, path, repeats=args.bench_repeats, threads=args.threads))
+    dense = {outtype: path for row, outtype, path in files if row["setting"] == "dense"}
+
+    def median(path: Path, key: str) -> float:
+        return float(statistics.median(run[key] for run in measured[path]))
+
+    for row, outtype, path in files:
+        entry = row["exports"][outtype]
+        for kind in ("pp", "tg"):
+            entry[f"{kind}_tokens_per_s"] = median(path, f"{kind}_tokens_per_s")
+            entry[f"{kind}_rounds"] = [run[f"{kind}_tokens_per_s"] for run in measured[path]]
+            entry[f"{kind}_speedup"] = entry[f"{kind}_tokens_per_s"] / median(dense[outtype], f"{kind}_tokens_per_s")
+        path.unlink()
 
 
 def write_results(args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -237,7 +251,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Perplexity protocol of `llama-perplexity -c {s['ctx']} --chunks {s['chunks']}` on both sides (windows of "
         f"{s['ctx']}, second half of each scored, no BOS: the tokenizer adds none); loraprune in float32 on the CPU "
         f"(`loraprune eval --protocol llama.cpp`). llama.cpp {results['llama_cpp']}, {s['threads']} thread(s), "
-        f"CPU; llama-bench pp128 / tg32, {s['bench_repeats']} repeats. Goals: gap within 1 % at f32, 3 % at q8_0.",
+        f"CPU; llama-bench pp128 / tg32 ({s['bench_repeats']} repeats), the median of {s['bench_rounds']} rounds "
+        "interleaved over all files. Goals: gap within 1 % at f32, 3 % at q8_0.",
         "",
         "| model | arch | decoder sparsity | params | FLOPs / dense | loraprune ppl | type | llama.cpp ppl | gap "
         "| goal | pp tok/s | pp vs dense | tg tok/s | tg vs dense | F16 fallbacks |",
