@@ -16,7 +16,7 @@ matrix whose rows are not a multiple of 32 stays f16 (prune with --round-to 32 t
 examples:
   loraprune prune-model --method taylor --sparsity 0.2 --output smol-20
   loraprune export gguf smol-20 smol-20.gguf --outtype q8_0
-  llama-cli -m smol-20.gguf -p "The capital of France is" -n 32
+  llama-cli -m smol-20.gguf -p "The capital of France is" -n 32 -st
   llama-perplexity -m smol-20.gguf -f wiki.test.raw -c 128 --chunks 64
 """
 
