@@ -122,6 +122,7 @@ def _prune_model(
         allocation=config.allocation,
         attention_sparsity=config.attention_sparsity,
         mlp_sparsity=config.mlp_sparsity,
+        rules=config.width_rules,
     )
     one_shot = config.method != "loraprune"
     windows = training_windows(tokenizer, config.calibration_data, config.seq_len) if config.steps else None
@@ -155,7 +156,13 @@ def _prune_model(
     if one_shot:
         scores = criterion.score(model, families, batches)
         masks = select(
-            families, scores, full_masks(families), budget, prunable_layers=prunable, allocation=config.allocation
+            families,
+            scores,
+            full_masks(families),
+            budget,
+            prunable_layers=prunable,
+            allocation=config.allocation,
+            rules=config.width_rules,
         )
         if files.checkpointing is not None:
             files.checkpointing.record("one_shot_masks", masks_to_lists(masks))
@@ -168,6 +175,8 @@ def _prune_model(
             config.layers,
             config.allocation,
             config.attention_unit,
+            config.round_to,
+            config.uniform_attention,
         )
         training, masks = loraprune(
             model,

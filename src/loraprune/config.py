@@ -13,11 +13,14 @@ import types
 import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from loraprune.devices import DEVICE_HELP, DEVICE_MAP_HELP, DEVICE_MAPS, check, check_device_map
 from loraprune.errors import ConfigError
 from loraprune.safety.options import DIVERGENCE_FACTOR, DIVERGENCE_HELP, RESUME_HELP, SAVE_STEPS_HELP
+
+if TYPE_CHECKING:
+    from loraprune.selection import WidthRules
 
 T = TypeVar("T")
 
@@ -262,6 +265,17 @@ class PruneModelConfig:
         help="prunable decoder layers, e.g. 'all', '4-27', '0,2,5-7' (ends inclusive), or 'paper': all but the "
         "first 10%% and the last layer (the official LoRAPrune code)",
     )
+    round_to: int = option(
+        1,
+        help="keep every prunable layer's MLP channel count a multiple of N (e.g. 32 for GGUF's quantisation "
+        "blocks, 64/128 for GPU tiles): channels go in blocks of N, and --sparsity is met to the nearest "
+        "feasible value (the report gives the reached sparsity_decoder)",
+    )
+    uniform_attention: bool = option(
+        False,
+        help="remove the same number of attention groups from every prunable layer (one head count for all "
+        "layers) while MLP widths follow --allocation",
+    )
     calibration_data: str = option(
         "wikitext2",
         help="text for data-driven criteria and LoRA training: corpus name, text file, or Hugging Face dataset "
@@ -340,6 +354,7 @@ class PruneModelConfig:
             value = getattr(self, name)
             check(value is None or 0 <= value < 1, f"{name.replace('_', '-')} must be in [0, 1), got {value}")
         check(self.allocation in ALLOCATIONS, f"allocation must be one of {ALLOCATIONS}")
+        check(self.round_to >= 1, f"round-to must be at least 1, got {self.round_to}")
         check(self.attention_unit in ATTENTION_UNITS, f"attention unit must be one of {ATTENTION_UNITS}")
         check(self.quantize in QUANTIZE_CHOICES, f"quantize must be one of {QUANTIZE_CHOICES}, got {self.quantize!r}")
         check(
@@ -347,3 +362,10 @@ class PruneModelConfig:
             f"--quantize {self.quantize} works with --method loraprune only: the one-shot criteria read or "
             "differentiate the base weights themselves and shrink them before training",
         )
+
+    @property
+    def width_rules(self) -> WidthRules:
+        """`--round-to` and `--uniform-attention` as the selection's width constraints."""
+        from loraprune.selection import WidthRules  # selection imports this module's `check`
+
+        return WidthRules(self.round_to, self.uniform_attention)

@@ -276,6 +276,12 @@ def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.LongTe
     return known[key].clone()
 
 
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer puts a BOS token in front of a text it encodes with special tokens."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
 def token_windows(
     tokenizer: PreTrainedTokenizerBase, text: str, seq_len: int, max_tokens: int | None = None
 ) -> torch.LongTensor:

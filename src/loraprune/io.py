@@ -83,6 +83,21 @@ def atomic_directory(output_dir: str | os.PathLike, overwrite: bool = False) -> 
         os.rename(staging, target)
 
 
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` that replaces it only if the block succeeds."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, _umask_mode(directory=False))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: str | os.PathLike, payload: Any) -> None:
     """Write JSON atomically (temp file in the same directory, then rename)."""
     path = Path(path)

@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "prune_nm_cmd",
     "prune_adapter_cmd",
     "report_cmd",
+    "export_cmd",
     "sweep_cmd",
 )
 
@@ -41,6 +42,7 @@ Make LLMs and their LoRA adapters smaller with structured pruning guided by LoRA
   loraprune prune-nm      N:M semi-structured sparsity (2:4, 4:8): LoRAPrune N:M, Wanda, SparseGPT
   loraprune prune-adapter train an over-parameterised LoRA and prune its rank (PrunedLoRA)
   loraprune report        redraw the report (report.md, report.html, plots) of a pruning run
+  loraprune export gguf   write a saved model as a GGUF file for llama.cpp (per-layer widths included)
   loraprune sweep         a grid of prune-model / prune-adapter jobs from a YAML spec (resumable)
 
 Every command takes --model: a local Hugging Face directory, a hub id, or the embedded

@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
             model_name=config.model,
             progress=config.progress,
             split=config.split,
+            protocol=config.protocol,
         )
         print(result)
         report.update(result.to_dict())

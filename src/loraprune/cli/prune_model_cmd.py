@@ -21,7 +21,9 @@ sparsity: the fraction of the decoder layers' attention+MLP parameters removed (
 norms and the LM head are kept). Groups are removed whole (a KV group with its query heads,
 or an MLP channel with its gate/up rows and down column); with --sparsity alone the MLP
 absorbs what attention's coarse groups cannot hit, so the decoder fraction is met to within
-one channel. The report gives the fraction of all parameters too.
+one channel. The report gives the fraction of all parameters too. --round-to N keeps every
+prunable layer's MLP width a multiple of N (channels go in blocks of N) and --uniform-attention
+one head count for all layers; then the nearest feasible sparsity is taken and reported.
 
 --steps: LoRA training steps for every method. loraprune prunes iteratively during them
 (cubic schedule, exact target at the end of the ramp; by default pruning is done by mid-run
@@ -44,6 +46,7 @@ examples:
   loraprune prune-model --method loraprune --preset paper --sparsity 0.2 --steps 200 --output smol-20-paper
   loraprune prune-model --method taylor --sparsity 0.2 --steps 200 --output smol-20-taylor
   loraprune prune-model --method magnitude --sparsity 0.2 --output smol-20
+  loraprune prune-model --method taylor --sparsity 0.5 --round-to 32 --output smol-50-r32   # GGUF-friendly
   loraprune prune-model --model ./my-llama --method random --layers 4-27 --allocation uniform \\
       --eval-data wikitext2 --eval-max-tokens 16384 --output my-llama-pruned
   loraprune prune-model --config run.yaml --sparsity 0.3 --device cuda
@@ -97,9 +100,14 @@ def run(args: argparse.Namespace) -> int:
         f"parameters        {report['params_before']:,} -> {report['params_after']:,} "
         f"({report['sparsity_total']:.2%} of all parameters removed)"
     )
+    reached = (
+        f"the nearest feasible to --sparsity {config.sparsity:.2%} under --round-to / --uniform-attention"
+        if config.width_rules.active
+        else "the --sparsity target"
+    )
     print(
         f"decoder attn+MLP  {report['decoder_params_before']:,} -> {report['decoder_params_after']:,} "
-        f"({report['sparsity_decoder']:.2%} removed, the --sparsity target)"
+        f"({report['sparsity_decoder']:.2%} removed, {reached})"
     )
     if report["perplexity_before"] is not None:
         settings = report["perplexity_before"]

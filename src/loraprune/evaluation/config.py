@@ -27,6 +27,13 @@ class EvalConfig:
     )
     split: str = option("test", help="split of a named corpus or dataset without its own split (test, valid, train)")
     seq_len: int = option(128, help="tokens per non-overlapping window (128 as in LLM-Pruner/LoRAPrune)")
+    protocol: str = option(
+        "windows",
+        help="perplexity protocol: 'windows' scores every token of each window (the design's); 'llama.cpp' "
+        "computes what llama-perplexity -c SEQ_LEN computes (only the second half of each window scored, "
+        "BOS as llama.cpp adds it; --max-tokens N = --chunks N/SEQ_LEN), to check a GGUF export against it",
+        choices=("windows", "llama.cpp"),
+    )
     max_tokens: int | None = option(None, help="score only the first N tokens of the text; None scores all of it")
     batch_size: int = option(8, help="windows (perplexity) or lm-eval requests (zero-shot) per forward pass")
     dtype: str = option("float32", help="dtype to load the model in", choices=tuple(DTYPES))

@@ -52,7 +52,7 @@ from loraprune.masking import MaskHooks
 from loraprune.model_pruning.config import LoRAPruneConfig
 from loraprune.safety.evidence import enough_scoring_steps
 from loraprune.schedule import CubicSchedule
-from loraprune.selection import KINDS, Budget, parse_layers, plan_budget, select
+from loraprune.selection import KINDS, Budget, WidthRules, granularity, parse_layers, plan_budget, select
 from loraprune.shrink import shrink_model
 from loraprune.structure import GroupFamily, LayerSizes, Masks, full_masks, get_adapter, unwrap_model
 from loraprune.structure.groups import Kind, masks_from_lists, masks_to_lists, removed_params, total_params
@@ -70,7 +70,8 @@ class PruningTarget:
     per-kind targets override `sparsity` for that kind; `layers` limits pruning to some
     decoder layers ('all', '4-27', '0,2,5-7'); `allocation` ranks units across layers
     ('global') or removes the same number per layer ('uniform'); `attention_unit` picks
-    whole KV groups or query heads on GQA models ('auto': heads for MHA, KV groups for GQA).
+    whole KV groups or query heads on GQA models ('auto': heads for MHA, KV groups for GQA);
+    `round_to` and `uniform_attention` are the `WidthRules` of `loraprune.selection`.
     """
 
     sparsity: float
@@ -79,6 +80,13 @@ class PruningTarget:
     layers: str = "all"
     allocation: str = "global"
     attention_unit: str = "auto"
+    round_to: int = 1
+    uniform_attention: bool = False
+
+    @property
+    def rules(self) -> WidthRules:
+        """The width constraints (MLP block size, one head count for all layers) of this target."""
+        return WidthRules(self.round_to, self.uniform_attention)
 
     def __post_init__(self) -> None:
         check(self.allocation in ALLOCATIONS, f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
@@ -124,6 +132,7 @@ class ModelPruner:
             allocation=target.allocation,
             attention_sparsity=target.attention_sparsity,
             mlp_sparsity=target.mlp_sparsity,
+            rules=target.rules,
         )
         self.schedule = CubicSchedule.from_fractions(total_steps, self.config.warmup, self.config.cooldown)
         self.scored = [f for f in self.families if f.layer in self.prunable and self.budget.of(f.kind) > 0]
@@ -161,12 +170,7 @@ class ModelPruner:
 
     def _granularity(self, kind: Kind) -> int:
         """Smallest step in units that the selection can take for `kind` (whole atoms, every layer if uniform)."""
-        candidates = [f for f in self.families if f.kind == kind and f.layer in self.prunable]
-        if not candidates:
-            return 1
-        family = candidates[0]
-        atom = family.count // family.units_per_kv if family.unit == "query_head" else 1
-        return atom * (len(candidates) if self.target.allocation == "uniform" else 1)
+        return granularity(self.families, self.prunable, kind, self.target.allocation, self.target.rules)
 
     def target_at(self, step: int) -> Budget:
         """The budget in force after optimizer step `step`: the cubic ramp, rounded to the nearest feasible units.
@@ -246,6 +250,7 @@ class ModelPruner:
             budget,
             prunable_layers=self.prunable,
             allocation=self.target.allocation,
+            rules=self.target.rules,
         )
         self._set_masks(_broadcast_from_rank0(masks, _device(self.model)), optimizer)
         event = {
