@@ -55,8 +55,9 @@ def test_a_non_utf8_sft_file_and_sweep_spec_are_named(latin1, tiny_model_dir, tm
 
 
 def test_a_directory_as_data_and_an_unreadable_file(tiny_model_dir, tmp_path, capsys):
+    # a directory is read as a local dataset (issue 14); one that holds none is one line naming it
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path)]) == 2
-    assert f"data file {tmp_path} is a directory; give a text file" in one_line(capsys, "eval")
+    assert f"could not read dataset '{tmp_path}'" in one_line(capsys, "eval")
     if os.geteuid() == 0:
         unreadable = Path("/proc/self/mem")  # exists, and reading it as text fails even for root
     else:

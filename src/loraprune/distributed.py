@@ -183,3 +183,8 @@ def all_reduce_sum(tensors: list[Tensor]) -> list[Tensor]:
     for tensor in reduced:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return reduced
+
+
+def world_size() -> int:
+    """The number of processes of the running process group (1 without one)."""
+    return dist.get_world_size() if is_distributed() else 1

@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=sorted(PRESETS),
         default=None,
         help="named settings, overridden by --config and by the flags given: "
-        + "; ".join(f"'{name}': {preset.description}" for name, preset in PRESETS.items()),
+        + "; ".join(f"'{name}': {preset.description}" for name, preset in PRESETS.items()).replace("%", "%%"),
     )
     parser.set_defaults(func=run, preset_values=preset_values)
 

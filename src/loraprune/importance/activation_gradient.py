@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from loraprune.distributed import all_reduce_sum
+from loraprune.distributed import all_reduce_sum, world_size
 from loraprune.errors import LoraPruneError
 from loraprune.importance.base import Criterion
 from loraprune.importance.gradients import backward_mean_loss
@@ -138,7 +138,10 @@ class ActivationGradientScores:
             else:
                 sums = self._sums[family.key]
             squares, sums = all_reduce_sum([squares, sums])
-            value = squares if self.form == "fisher" else sums.abs()
+            # each process's loss is the mean over its own windows: as a share of the mean over all
+            # processes' windows (what data parallelism trains), every gradient is `world` times too large
+            world = world_size()
+            value = squares / world**2 if self.form == "fisher" else sums.abs() / world
             scores[family.key] = value.float().cpu()
         self._squares.clear()
         self._sums.clear()

@@ -10,7 +10,9 @@ clipping the norm is still computed, which unscales too), `on_pre_optimizer_step
 `optimizer.step()`, `on_optimizer_step`, then `zero_grad`. So the LoRA gradients are read
 in `on_pre_optimizer_step`, final and unscaled (clipping multiplies every gradient of the
 step by the same factor, which the per-matrix normalisation of the scores removes), and
-pruning runs in `on_optimizer_step`, when the optimizer state to zero exists.
+pruning runs in `on_optimizer_step`, when the optimizer state to zero exists. The activation
+gradients of the default score were taken during the backward passes, under the loss scale
+of `fp16`: the callback divides it out (accelerate keeps the `GradScaler` on the optimizer).
 
 Distributed runs (`torchrun` / `accelerate launch`): under DDP the gradients of the last
 micro-batch are all-reduced during its backward pass (the others run under `no_sync`), so
@@ -80,9 +82,9 @@ class LoRAPruneCallback(TrainerCallback):
             self.pruner.load_state_dict(self.checkpoint.load(args, state), optimizer)
 
     def on_pre_optimizer_step(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer=None, **kwargs
     ) -> None:
-        self.pruner.observe()
+        self.pruner.observe(backward_scale=_loss_scale(optimizer))
 
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer=None, **kwargs
@@ -101,3 +103,9 @@ class LoRAPruneCallback(TrainerCallback):
                 100 * self.pruner.decoder_sparsity(),
                 self.pruner.schedule.ramp_end,
             )
+
+
+def _loss_scale(optimizer) -> float:
+    """The AMP loss scale of this step's backward pass (accelerate keeps its `GradScaler` on the optimizer), or 1."""
+    scaler = getattr(optimizer, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0

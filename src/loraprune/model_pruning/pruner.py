@@ -194,19 +194,22 @@ class ModelPruner:
 
     # ---- every step -----------------------------------------------------------------------------
 
-    def observe(self, loss_scale: float = 1.0) -> bool:
+    def observe(self, loss_scale: float = 1.0, backward_scale: float | None = None) -> bool:
         """Fold the current LoRA gradients into the moving-average scores; False if skipped.
 
         Call once per optimizer step, after the gradients are final (accumulated over
         micro-batches, all-reduced) and before `optimizer.step()`. Pass the AMP loss scale if
-        a `GradScaler` has not unscaled them yet. Nothing is computed once the target is reached.
+        a `GradScaler` has not unscaled them yet. The activation-gradient score reads gradients
+        taken during the backward pass, which an unscaling afterwards does not reach: pass the scale
+        the backward pass ran with as `backward_scale` (default: `loss_scale`). Nothing is computed
+        once the target is reached.
         """
         if self.finished:
             return False
         if self.activation_scores is not None:
-            # the activation gradients were taken during the backward pass, before any AMP unscaling
+            scale = loss_scale if backward_scale is None else backward_scale
             power = 2 if self.config.form == "fisher" else 1
-            new = {key: value / loss_scale**power for key, value in self.activation_scores.collect().items()}
+            new = {key: value / scale**power for key, value in self.activation_scores.collect().items()}
         else:
             new = self.criterion.gradient_scores(self.model, self.scored, loss_scale)
         bad = [key for key, value in new.items() if not torch.isfinite(value).all()]
