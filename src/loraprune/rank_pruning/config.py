@@ -55,6 +55,14 @@ class RankPruningConfig:
         "wanda and sparsegpt use the same source)",
         choices=("window", "batch"),
     )
+    curvature_scale: str = option(
+        "fisher",
+        help="scale of the curvature against the gradient term: fisher = the empirical Fisher of the mean "
+        "loss (each step's gradient Gram times the examples per step, divided by the rows that share it; "
+        "state.py derives it), so predicted loss changes are in nats; gram = the plain mean gradient Gram "
+        "summed over rows (the design's original form, whose scale depends on batch size and module width)",
+        choices=("fisher", "gram"),
+    )
     damping: float = option(0.01, help="relative damping: lambda = damping * mean diagonal of each curvature")
     use_gradient: bool = option(True, help="include the gradient term of the loss model (off: classical OBS)")
     newton_step: bool = option(
@@ -82,6 +90,16 @@ class RankPruningConfig:
         choices=("none", "l2"),
     )
     min_rank: int = option(0, help="global schedule: no module goes below this rank (0 lets a module vanish)")
+    calibration_examples: int = option(
+        4,
+        help="training examples held out (the last ones of the training data, for every method alike) to "
+        "measure the loss change of every pruning event against the quadratic model's prediction (0: none)",
+    )
+    calibration_modules: int = option(
+        0,
+        help="modules (drawn at random) whose removal is also measured alone at every event, one extra forward "
+        "each, for the per-module rank correlation of the run report (e.g. 8)",
+    )
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -97,6 +115,8 @@ class RankPruningConfig:
         )
         check(self.damping > 0, f"damping must be > 0 (the curvature can be singular), got {self.damping}")
         check(0 <= self.min_rank <= self.rank, f"min_rank must be in [0, rank={self.rank}], got {self.min_rank}")
+        check(self.calibration_examples >= 0, f"calibration_examples must be >= 0, got {self.calibration_examples}")
+        check(self.calibration_modules >= 0, f"calibration_modules must be >= 0, got {self.calibration_modules}")
 
     @property
     def lora_alpha(self) -> float:

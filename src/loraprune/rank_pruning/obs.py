@@ -218,6 +218,7 @@ class ModuleRemoval:
     weight_a: Tensor  # (in, k): Aᵀ's active columns, removed ones zero
     loss_change: Tensor | None  # predicted by the quadratic model of the compensating factor(s); None: no model
     compensated: str  # "b", "a" or "both"; "none" for a removal that only zeroes (criteria.py)
+    linear_change: Tensor | None = None  # the gradient term of `loss_change` alone (Σ g·Δ); None: no model
 
 
 def remove_components(
@@ -253,4 +254,9 @@ def remove_components(
     new = [updated.get(i, side.weight.clone()) for i, side in enumerate(sides)]
     for weight in new:
         weight[:, positions] = 0.0
-    return ModuleRemoval(positions, new[0], new[1], loss, choice)
+    linear = sum(
+        ((new[i] - sides[i].weight) * sides[i].grad).sum()
+        for i in COMPENSATED_SIDES[choice]
+        if sides[i].grad is not None
+    )
+    return ModuleRemoval(positions, new[0], new[1], loss, choice, torch.as_tensor(linear))
