@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from loraprune.rank_pruning.api import split_held_out
 from loraprune.rank_pruning.calibration import (
     HeldOutLoss,
     ModuleCheck,
@@ -176,3 +177,10 @@ def test_calibration_summary_of_events():
     assert summary["sign_agreement_events"] == 1.0 and summary["sign_agreement_modules"] == 0.5
     assert summary["predicted_total"] == pytest.approx(0.6) and summary["measured_total"] == pytest.approx(0.8)
     assert calibration_summary([{"predicted_loss_change": 0.1, "measured_loss_change": None}]) is None
+
+
+def test_split_held_out_keeps_the_last_examples_and_spares_small_data():
+    examples = [{"input_ids": [i]} for i in range(6)]
+    assert split_held_out(examples, 2) == (examples[:4], examples[4:])
+    assert split_held_out(examples, 0) == (examples, [])
+    assert split_held_out(examples, 6) == (examples, [])  # nothing left to train on otherwise

@@ -284,9 +284,17 @@ def split_held_out(examples: list[dict], count: int) -> tuple[list[dict], list[d
     """`(training examples, held-out examples)`: the last `count` examples are held out (none for 0).
 
     Every method of a comparison trains on the same remaining examples, whether it measures
-    anything on the held-out ones or not.
+    anything on the held-out ones or not. Data of no more than `count` examples keeps them all for
+    training (with a warning): there is nothing to spare for the calibration check.
     """
-    check(count < len(examples), f"cannot hold out {count} of {len(examples)} training examples")
+    if count and count >= len(examples):
+        logger.warning(
+            "%d training examples leave none to hold out for the calibration check (calibration_examples=%d): "
+            "pruning events are not measured",
+            len(examples),
+            count,
+        )
+        return examples, []
     return (examples[: len(examples) - count], examples[len(examples) - count :]) if count else (examples, [])
 
 

@@ -45,7 +45,7 @@ class RankPruningConfig:
         "and recovery update; magnitude = |b_j|*|a_j|; taylor = sum |G*W| over a_j and b_j (LLM-Pruner, mean "
         "LoRA gradients); wanda = |X a_j^T|*|b_j| (X: the module's inputs); sparsegpt = OBS on the columns of B "
         "with the input curvature (A X^T X A^T), the remaining columns of B compensating. magnitude, taylor and "
-        "wanda only zero the removed components; compensate, newton_step and use_gradient apply to obs only",
+        "wanda only zero the removed components; compensate and use_gradient apply to obs only",
         choices=CRITERIA,
     )
     curvature: str = option(
@@ -65,9 +65,6 @@ class RankPruningConfig:
     )
     damping: float = option(0.01, help="relative damping: lambda = damping * mean diagonal of each curvature")
     use_gradient: bool = option(True, help="include the gradient term of the loss model (off: classical OBS)")
-    newton_step: bool = option(
-        False, help="also take the second-order (Newton) step on the remaining components when pruning"
-    )
     compensate: str = option(
         "auto",
         help="which factor's remaining components absorb a removal: b (columns of B, A fixed), a (rows of A, "

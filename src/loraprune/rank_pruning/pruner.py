@@ -21,11 +21,11 @@ the plain mean Gram with `curvature_scale="gram"`), damped, inverted in one batc
 per rank. The gradient term uses the mean gradient over the same window. With a held-out
 batch (`held_out`) every event also measures its real loss change, and that of a few modules'
 removals alone, next to the quadratic model's prediction (`calibration.py`). The chosen
-components are removed with the OBS recovery update of the remaining ones (and optionally the Newton step) on one factor, the
+components are removed with the OBS recovery update of the remaining ones on one factor, the
 cheaper one per module by default (`compensate`), written back in place; the LoRA scaling
-`alpha / r0` is never changed. Pruned slices lose their optimizer
-moments; the moments of the compensated components are kept, since they still estimate the
-gradient statistics of the same coordinates, which a recovery update moves only slightly.
+`alpha / r0` is never changed. Pruned slices lose their optimizer moments; the moments of the
+compensated components are kept, since they still estimate the gradient statistics of the same
+coordinates, which a recovery update moves only slightly.
 The other criteria read the mean LoRA gradients of the same window (`taylor`) or the Gram
 matrices of the component activations, accumulated by forward hooks from the first step to the
 last event (`wanda`, `sparsegpt`; `activations.py`); only `obs` and `sparsegpt` compensate.
@@ -295,7 +295,7 @@ class RankPruner:
             if criterion == "obs":
                 grad_b, grad_a = grads if grads is not None else (None, None)
                 sides = (Side(weight_b, grad_b, hinv_b[index]), Side(weight_a, grad_a, hinv_a[index]))
-                plans.append(CompensatedPlan(sides, self.config.compensate, sequential, self.config.newton_step))
+                plans.append(CompensatedPlan(sides, self.config.compensate, sequential))
             elif criterion == "sparsegpt":
                 plans.append(sparsegpt_plan(weight_b, weight_a, hinv_b[index], sequential))
             else:
