@@ -214,10 +214,12 @@ def test_prune_adapter_writes_its_report_with_the_rank_heatmap(tiny_model_dir, d
     assert "Perplexity was not evaluated" in markdown
     assert "Calibration of the pruning score" in markdown and "| single modules |" in markdown
     _assert_self_contained((out / "report.html").read_text(), images=4)
-    scatter = _figures(record)[contents.CALIBRATION_PNG].axes[0]
-    dots = {line.get_label(): line for line in scatter.get_lines()}
-    assert len(dots["pruning event"].get_xdata()) == len(events)
+    whole, modules = _figures(record)[contents.CALIBRATION_PNG].axes
+    dots = {line.get_label(): line for line in whole.get_lines()}
+    assert list(dots["pruning event"].get_xdata()) == [e["predicted_loss_change"] for e in events]
     assert list(dots["pruning event"].get_ydata()) == [e["measured_loss_change"] for e in events]
+    dots = {line.get_label(): line for line in modules.get_lines()}
+    assert list(dots["one module's removal"].get_ydata()) == [c["measured"] for e in events for c in e["module_checks"]]
 
     heatmap = _figures(record)[contents.RANKS_PNG].axes[0]
     grid = heatmap.images[0].get_array()
