@@ -368,7 +368,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"cool-down (per_module: K2 = {s['per_event']} raised to reach the target in time; global: cubic budget), "
         f"OBS score with gradient term, recovery update on one factor (auto: the one the quadratic model prices "
         f"lower; runs suffixed -both apply both one-sided updates, the paper's literal form), "
-        f"curvature = mean gradient Gram since the last event, damping 1 %. "
+        f"curvature from the gradient Gram matrices since the last event (each run's "
+        f"`pruning_config.curvature_scale`; runs recorded without it used the plain mean Gram, `gram`), "
+        f"damping 1 %. "
         f"AdaLoRA: PEFT defaults, tinit/tfinal/deltaT = the same warm-up/cool-down/interval.",
         "",
         f"Evaluation: answer-token NLL on the first {s['nll_problems']} problems of GSM8K test.jsonl (file "

@@ -183,6 +183,8 @@ def test_prune_adapter_writes_its_report_with_the_rank_heatmap(tiny_model_dir, d
                 "global",
                 "--logging-steps",
                 "1",
+                "--calibration-modules",
+                "2",
                 "--output",
                 str(out),
             ]
@@ -191,6 +193,10 @@ def test_prune_adapter_writes_its_report_with_the_rank_heatmap(tiny_model_dir, d
     )
     record = load_record(out)
     assert record["command"] == "prune-adapter"
+    events = record["pruning_events"]
+    assert all(e["measured_loss_change"] is not None and len(e["module_checks"]) <= 2 for e in events)
+    assert record["calibration"]["events"] == len(events)
+    assert record["calibration"]["module_checks"] == sum(len(e["module_checks"]) for e in events) > 0
     ranks_file = json.loads((out / "pruned_ranks.json").read_text())
     assert {n: r for n, r in record["final_ranks"].items() if r} == ranks_file["ranks"]
     assert record["total_rank_before"] == 14 * 8 and record["total_rank_after"] == 28
@@ -199,7 +205,7 @@ def test_prune_adapter_writes_its_report_with_the_rank_heatmap(tiny_model_dir, d
     assert record["file_size_bytes"] == (out / "adapter_model.safetensors").stat().st_size
     assert len(record["training"]["loss_history"]) == 12
 
-    for name in (contents.RANKS_PNG, contents.BUDGET_PNG, contents.LOSS_PNG):
+    for name in (contents.RANKS_PNG, contents.BUDGET_PNG, contents.LOSS_PNG, contents.CALIBRATION_PNG):
         _assert_png(out / name)
     assert not (out / contents.WIDTHS_PNG).exists()
     markdown = (out / "report.md").read_text()
@@ -208,7 +214,14 @@ def test_prune_adapter_writes_its_report_with_the_rank_heatmap(tiny_model_dir, d
     )
     assert "| r0 | 8 |" in markdown and "| schedule | global |" in markdown
     assert "Perplexity was not evaluated" in markdown
-    _assert_self_contained((out / "report.html").read_text(), images=3)
+    assert "Calibration of the pruning score" in markdown and "| single modules |" in markdown
+    _assert_self_contained((out / "report.html").read_text(), images=4)
+    whole, modules = _figures(record)[contents.CALIBRATION_PNG].axes
+    dots = {line.get_label(): line for line in whole.get_lines()}
+    assert list(dots["pruning event"].get_xdata()) == [e["predicted_loss_change"] for e in events]
+    assert list(dots["pruning event"].get_ydata()) == [e["measured_loss_change"] for e in events]
+    dots = {line.get_label(): line for line in modules.get_lines()}
+    assert list(dots["one module's removal"].get_ydata()) == [c["measured"] for e in events for c in e["module_checks"]]
 
     heatmap = _figures(record)[contents.RANKS_PNG].axes[0]
     grid = heatmap.images[0].get_array()

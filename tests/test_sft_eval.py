@@ -38,6 +38,17 @@ def test_evaluate_answer_nll_reads_the_first_problems_of_a_file(tiny_llama, tiny
     assert result["problems"] == 1 and result["nll"] == alone["nll"] and result["tokens"] == alone["tokens"]
 
 
+def test_evaluate_answer_nll_skips_the_first_problems(tiny_llama, tiny_tokenizer, tmp_path, one_thread):
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps({"question": r.question, "answer": r.answer}) + "\n" for r in RECORDS))
+    tiny_tokenizer.pad_token = tiny_tokenizer.eos_token
+    result = evaluate_answer_nll(tiny_llama, tiny_tokenizer, SFTEvalConfig(data=str(path), problems=1, skip=1))
+    alone = answer_nll(tiny_llama, tokenize_sft(RECORDS[1:2], tiny_tokenizer), tiny_tokenizer.pad_token_id, 1)
+    assert result["skip"] == 1 and result["nll"] == alone["nll"] and result["tokens"] == alone["tokens"]
+    with pytest.raises(ConfigError, match="skip must be >= 0"):
+        SFTEvalConfig(skip=-1)
+
+
 def test_config_refuses_no_problems():
     with pytest.raises(ConfigError, match="problems must be >= 1"):
         SFTEvalConfig(problems=0)

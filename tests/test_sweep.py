@@ -198,6 +198,11 @@ def test_example_specs_are_valid(path):
         "prunedlora_alpha_seed1_cpu.yaml": 2,
         "prunedlora_schedule_seed1_cpu.yaml": 3,
         "loraprune_ema_seed1_cpu.yaml": 2,
+        "prunedlora_gap_baselines_cpu.yaml": 1,
+        "prunedlora_gap_score_cpu.yaml": 4,
+        "prunedlora_gap_schedule_cpu.yaml": 2,
+        "prunedlora_gap_side_cpu.yaml": 2,
+        "prunedlora_gap_lr_cpu.yaml": 1,
     }
     assert len(spec.points) == expected[path.name]
     # full studies write under sweeps/; the CPU-sized ones are committed with the benchmark results

@@ -2,10 +2,11 @@
 
 Modules, one job each: `config` (options), `obs` (score and recovery update, pure maths),
 `criteria` (the other component scores: magnitude, taylor, wanda, sparsegpt), `activations`
-(input statistics those need), `schedule` (when and how much), `state` (masks and curvature
-statistics), `pruner` (the loop as plain methods), `callback` (the same inside
-`transformers.Trainer`), `export` (a physically small standard PEFT adapter), `adalora` (the
-AdaLoRA baseline), `api` (all methods in one harness).
+(input statistics those need), `calibration` (predicted against measured loss changes),
+`schedule` (when and how much), `state` (masks and curvature statistics), `pruner` (the loop
+as plain methods), `callback` (the same inside `transformers.Trainer`), `export` (a physically
+small standard PEFT adapter), `adalora` (the AdaLoRA baseline), `api` (all methods in one
+harness).
 """
 
 from loraprune.rank_pruning.api import (

@@ -35,6 +35,7 @@ from loraprune.io import atomic_directory, check_output_dir, write_json
 from loraprune.lora import add_lora
 from loraprune.models import DEFAULT_MODEL, load_model
 from loraprune.rank_pruning.adalora import AdaLoraBudgetCallback, adalora_ranks, add_adalora
+from loraprune.rank_pruning.calibration import calibration_summary
 from loraprune.rank_pruning.callback import RankPruningCallback
 from loraprune.rank_pruning.config import RankPruningConfig
 from loraprune.rank_pruning.export import ADAPTER_WEIGHTS, RANKS_FILE, ExportedAdapter, export_pruned_adapter
@@ -114,15 +115,19 @@ def create_adapter(
     pruning: RankPruningConfig,
     total_steps: int,
     resume_from: Path | None = None,
+    held_out: dict[str, torch.Tensor] | None = None,
 ) -> tuple[PeftModel, list[TrainerCallback]]:
     """Wrap `model` in the adapter of `method` and return the callbacks its training needs (which read
-    their state from the checkpoint folder `resume_from` when the run resumes)."""
+    their state from the checkpoint folder `resume_from` when the run resumes).
+
+    `held_out` (a collated batch) lets PrunedLoRA measure the loss change of its pruning events.
+    """
     check(method in METHODS, f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     scaling = pruning.lora_alpha / pruning.r0
     targets = pruning.target_modules
     if method == "prunedlora":
         adapter = add_lora(model, pruning.r0, pruning.lora_alpha, targets)
-        return adapter, [RankPruningCallback(pruning, resume_from=resume_from)]
+        return adapter, [RankPruningCallback(pruning, resume_from=resume_from, held_out=held_out)]
     if method == "lora":
         return add_lora(model, pruning.rank, scaling * pruning.rank, targets), []
     if method == "lora-r0":
@@ -149,13 +154,19 @@ def train_adapter(
     pruning: RankPruningConfig,
     training: TrainingConfig,
     files: RunFiles | None = None,
+    held_out: list[dict] | None = None,
 ) -> AdapterRun:
     """Fine-tune `model` with the adapter of `method`; the returned run holds the final ranks.
 
     `files`: the scratch directory and checkpoints of the run (None: a temporary directory, no checkpoints).
+    `held_out`: tokenised examples kept out of `train_dataset` (`split_held_out`), on which PrunedLoRA's
+    pruning events are measured.
     """
     torch.manual_seed(training.seed)  # adapter initialisation, identical across methods
-    adapter, callbacks = create_adapter(model, method, pruning, training.steps, resume_folder(files))
+    batch = data_collator(held_out) if held_out else None
+    adapter, callbacks = create_adapter(
+        model, method, pruning, training.steps, resume_from=resume_folder(files), held_out=batch
+    )
     start = time.perf_counter()
     history = train(
         adapter,
@@ -183,6 +194,8 @@ def train_adapter(
                 "removed": sum(map(len, e.removed.values())),
                 "total_rank": e.total_rank,
                 "predicted_loss_change": e.predicted_loss_change,
+                "measured_loss_change": e.measured_loss_change,
+                "module_checks": [dataclasses.asdict(check) for check in e.module_checks],
                 "seconds": e.seconds,
             }
             for e in pruner.history
@@ -291,6 +304,7 @@ def adapter_report(
             "loss_history": loss_history(run.log_history),
         },
         "pruning_events": run.pruning_events,
+        "calibration": calibration_summary(run.pruning_events),
         "planned_total_rank": planned,
         "perplexity_before": None,
         "perplexity_after": None,
@@ -305,6 +319,24 @@ def load_sft_dataset(
     records = load_sft_records(data, split="train", limit=limit)
     check(len(records) > 0, f"SFT data {data!r} has no records to train on")
     return tokenize_sft(records, tokenizer, max_answer_tokens), SFTCollator(tokenizer.pad_token_id)
+
+
+def split_held_out(examples: list[dict], count: int) -> tuple[list[dict], list[dict]]:
+    """`(training examples, held-out examples)`: the last `count` examples are held out (none for 0).
+
+    Every method of a comparison trains on the same remaining examples, whether it measures
+    anything on the held-out ones or not. Data of no more than `count` examples keeps them all for
+    training (with a warning): there is nothing to spare for the calibration check.
+    """
+    if count and count >= len(examples):
+        logger.warning(
+            "%d training examples leave none to hold out for the calibration check (calibration_examples=%d): "
+            "pruning events are not measured",
+            len(examples),
+            count,
+        )
+        return examples, []
+    return (examples[: len(examples) - count], examples[len(examples) - count :]) if count else (examples, [])
 
 
 def prune_adapter(
@@ -340,7 +372,8 @@ def _prune_adapter(
     dataset, collator = load_sft_dataset(
         run_config.data, tokenizer, run_config.train_limit, run_config.max_answer_tokens
     )
-    run = train_adapter(model, dataset, collator, run_config.method, pruning, training, files)
+    dataset, held_out = split_held_out(dataset, pruning.calibration_examples)
+    run = train_adapter(model, dataset, collator, run_config.method, pruning, training, files=files, held_out=held_out)
     report = adapter_report(run, run_config, pruning, training, base_parameters)
     report["device"] = device
 

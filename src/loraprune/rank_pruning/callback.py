@@ -20,11 +20,14 @@ from `<output_dir>/checkpoint-<step>` or `resume_from`. Export from the main pro
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from loraprune.errors import LoraPruneError
+from loraprune.rank_pruning.calibration import HeldOutLoss
 from loraprune.rank_pruning.config import RankPruningConfig
 from loraprune.rank_pruning.pruner import RankPruner
 from loraprune.safety.checkpoints import PrunerCheckpoint
@@ -36,14 +39,25 @@ logger = logging.getLogger(__name__)
 
 
 class RankPruningCallback(TrainerCallback):
-    """Prunes the rank of the model's LoRA adapter while `Trainer` trains it; `pruner` holds the result."""
+    """Prunes the rank of the model's LoRA adapter while `Trainer` trains it; `pruner` holds the result.
+
+    `held_out`: a collated batch (with labels) the model does not train on; every pruning event
+    then measures its loss change on it (`calibration.py`). The examples per optimizer step that
+    scale the curvature are read from the training arguments. `resume_from`: the checkpoint folder
+    whose pruning state a resumed run reads.
+    """
 
     def __init__(
-        self, config: RankPruningConfig, adapter: str = "default", resume_from: str | Path | None = None
+        self,
+        config: RankPruningConfig,
+        adapter: str = "default",
+        resume_from: str | Path | None = None,
+        held_out: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.config = config
         self.adapter = adapter
         self.checkpoint = PrunerCheckpoint(STATE_FILE, type(self).__name__, resume_from)
+        self.held_out = held_out
         self.pruner: RankPruner | None = None
 
     def on_train_begin(
@@ -51,7 +65,15 @@ class RankPruningCallback(TrainerCallback):
     ) -> None:
         if self.pruner is not None:
             raise LoraPruneError("a RankPruningCallback prunes one training run; create a new one per run")
-        self.pruner = RankPruner(model, self.config, total_steps=state.max_steps, adapter=self.adapter)
+        examples = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        self.pruner = RankPruner(
+            model,
+            self.config,
+            total_steps=state.max_steps,
+            adapter=self.adapter,
+            examples_per_step=examples,
+            held_out=None if self.held_out is None else HeldOutLoss(model, self.held_out),
+        )
         if state.global_step > 0:
             self.pruner.load_state_dict(self.checkpoint.load(args, state))
 

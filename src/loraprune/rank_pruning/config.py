@@ -45,7 +45,7 @@ class RankPruningConfig:
         "and recovery update; magnitude = |b_j|*|a_j|; taylor = sum |G*W| over a_j and b_j (LLM-Pruner, mean "
         "LoRA gradients); wanda = |X a_j^T|*|b_j| (X: the module's inputs); sparsegpt = OBS on the columns of B "
         "with the input curvature (A X^T X A^T), the remaining columns of B compensating. magnitude, taylor and "
-        "wanda only zero the removed components; compensate, newton_step and use_gradient apply to obs only",
+        "wanda only zero the removed components; compensate and use_gradient apply to obs only",
         choices=CRITERIA,
     )
     curvature: str = option(
@@ -55,11 +55,16 @@ class RankPruningConfig:
         "wanda and sparsegpt use the same source)",
         choices=("window", "batch"),
     )
+    curvature_scale: str = option(
+        "fisher",
+        help="scale of the curvature against the gradient term: fisher = the empirical Fisher of the mean "
+        "loss (each step's gradient Gram times the examples per step, divided by the rows that share it; "
+        "state.py derives it), so predicted loss changes are in nats; gram = the plain mean gradient Gram "
+        "summed over rows (the design's original form, whose scale depends on batch size and module width)",
+        choices=("fisher", "gram"),
+    )
     damping: float = option(0.01, help="relative damping: lambda = damping * mean diagonal of each curvature")
     use_gradient: bool = option(True, help="include the gradient term of the loss model (off: classical OBS)")
-    newton_step: bool = option(
-        False, help="also take the second-order (Newton) step on the remaining components when pruning"
-    )
     compensate: str = option(
         "auto",
         help="which factor's remaining components absorb a removal: b (columns of B, A fixed), a (rows of A, "
@@ -88,6 +93,16 @@ class RankPruningConfig:
         "by magnitude (|b_j|*|a_j|) with a warning; off (default), the run fails instead, since such gradients "
         "mean the training diverged",
     )
+    calibration_examples: int = option(
+        4,
+        help="training examples held out (the last ones of the training data, for every method alike) to "
+        "measure the loss change of every pruning event against the quadratic model's prediction (0: none)",
+    )
+    calibration_modules: int = option(
+        0,
+        help="modules (drawn at random) whose removal is also measured alone at every event, one extra forward "
+        "each, for the per-module rank correlation of the run report (e.g. 8)",
+    )
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -103,6 +118,8 @@ class RankPruningConfig:
         )
         check(self.damping > 0, f"damping must be > 0 (the curvature can be singular), got {self.damping}")
         check(0 <= self.min_rank <= self.rank, f"min_rank must be in [0, rank={self.rank}], got {self.min_rank}")
+        check(self.calibration_examples >= 0, f"calibration_examples must be >= 0, got {self.calibration_examples}")
+        check(self.calibration_modules >= 0, f"calibration_modules must be >= 0, got {self.calibration_modules}")
 
     @property
     def lora_alpha(self) -> float:

@@ -59,15 +59,14 @@ class CompensatedPlan:
     sides: tuple[Side, Side]  # (B side, A side)
     compensate: str
     sequential: bool = False
-    newton: bool = False
 
     def __post_init__(self) -> None:
-        self.side_scores = tuple(removal_scores(side, self.newton) for side in self.sides)
+        self.side_scores = tuple(removal_scores(side) for side in self.sides)
         self.scores = ranking_scores(self.side_scores, self.compensate)
 
     def remove(self, count: int) -> ModuleRemoval:
         """Remove the `count` components the criterion picks, the compensating factor absorbing them."""
-        return remove_components(self.sides, self.side_scores, count, self.compensate, self.sequential, self.newton)
+        return remove_components(self.sides, self.side_scores, count, self.compensate, self.sequential)
 
 
 @dataclass

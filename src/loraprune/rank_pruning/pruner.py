@@ -14,14 +14,18 @@
 
 At an event every module's active components are scored by `config.criterion` (`criteria.py`);
 the default, PrunedLoRA's own score (design §1.2, `obs.py`), works as follows. The
-curvatures `H_B`, `H_A` are the mean gradient Gram matrices since the last event (or the
-current batch), damped, inverted in one batched Cholesky per rank. The gradient term uses
-the mean gradient over the same window. The chosen components are removed with the OBS
-recovery update of the remaining ones (and optionally the Newton step) on one factor, the
+curvatures `H_B`, `H_A` are the empirical Fisher of the mean loss built from the gradient Gram
+matrices since the last event (or of the current batch), on the loss's own scale
+(`CurvatureStats`: times the examples per step, divided by the rows sharing the curvature; or
+the plain mean Gram with `curvature_scale="gram"`), damped, inverted in one batched Cholesky
+per rank. The gradient term uses the mean gradient over the same window. With a held-out
+batch (`held_out`) every event also measures its real loss change, and that of a few modules'
+removals alone, next to the quadratic model's prediction (`calibration.py`). The chosen
+components are removed with the OBS recovery update of the remaining ones on one factor, the
 cheaper one per module by default (`compensate`), written back in place; the LoRA scaling
-`alpha / r0` is never changed. Pruned slices lose their optimizer
-moments; the moments of the compensated components are kept, since they still estimate the
-gradient statistics of the same coordinates, which a recovery update moves only slightly.
+`alpha / r0` is never changed. Pruned slices lose their optimizer moments; the moments of the
+compensated components are kept, since they still estimate the gradient statistics of the same
+coordinates, which a recovery update moves only slightly.
 The other criteria read the mean LoRA gradients of the same window (`taylor`) or the Gram
 matrices of the component activations, accumulated by forward hooks from the first step to the
 last event (`wanda`, `sparsegpt`; `activations.py`); only `obs` and `sparsegpt` compensate.
@@ -39,7 +43,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,6 +53,7 @@ from torch import Tensor
 from loraprune.distributed import broadcast_from_main, full_tensor, index_copy_, is_sharded, unwrap_parallel
 from loraprune.errors import LoraPruneError
 from loraprune.rank_pruning.activations import ActivationStats
+from loraprune.rank_pruning.calibration import HeldOutLoss, ModuleCheck
 from loraprune.rank_pruning.config import ACTIVATION_CRITERIA, RankPruningConfig
 from loraprune.rank_pruning.criteria import CompensatedPlan, ZeroingPlan, sparsegpt_plan, zeroing_plan
 from loraprune.rank_pruning.obs import ModuleRemoval, Side, damped_inverse
@@ -72,6 +77,8 @@ class PruningEvent:
     seconds: float
     compensated: dict[str, str]  # per module: the factor(s) whose remaining components absorbed the removal,
     # "none" for the criteria that only zero
+    measured_loss_change: float | None = None  # on the held-out batch (None without one)
+    module_checks: list[ModuleCheck] = field(default_factory=list)  # sampled modules' removals measured alone
 
 
 def global_removal_counts(scores: Sequence[Tensor], need: int, min_rank: int, normalization: str) -> list[int]:
@@ -112,8 +119,23 @@ def single_threaded(device: torch.device) -> Iterator[None]:
 class RankPruner:
     """Scores, removes and masks rank components of a PEFT LoRA adapter created at rank `config.r0`."""
 
-    def __init__(self, model: PeftModel, config: RankPruningConfig, total_steps: int, adapter: str = "default") -> None:
+    def __init__(
+        self,
+        model: PeftModel,
+        config: RankPruningConfig,
+        total_steps: int,
+        adapter: str = "default",
+        examples_per_step: int = 1,
+        held_out: HeldOutLoss | None = None,
+    ) -> None:
+        """`examples_per_step`: the examples whose mean loss each optimizer step's gradient is (all
+        micro-batches and processes together; it scales the `fisher` curvature). `held_out`: the loss
+        on a held-out batch, measured around every event to check the quadratic model (optional)."""
+        if examples_per_step < 1:
+            raise LoraPruneError(f"examples_per_step must be >= 1, got {examples_per_step}")
         self.config = config
+        self.examples_per_step = examples_per_step
+        self.held_out = held_out
         self.modules: list[LoraModule] = find_lora_modules(unwrap_parallel(model), adapter)
         expected_scaling = config.lora_alpha / config.r0
         for module in self.modules:
@@ -199,17 +221,16 @@ class RankPruner:
         else:
             need = target - sum(self.config.r0 - rank for rank in ranks)
             counts = global_removal_counts(scores, max(need, 0), self.config.min_rank, self.config.normalization)
+        removals = {index: plans[index].remove(count) for index, count in enumerate(counts) if count > 0}
+        predicted = None if self.config.criterion != "obs" else sum(float(r.loss_change) for r in removals.values())
+        before = None if self.held_out is None else self.held_out()
+        checks = [] if before is None or predicted is None else self._check_modules(step, removals, before)
         removed: dict[str, list[int]] = {}
         compensated: dict[str, str] = {}
-        predicted = 0.0 if self.config.criterion == "obs" else None
-        for index, count in enumerate(counts):
-            if count > 0:
-                name = self.modules[index].name
-                components, removal = self._remove(index, plans[index], count, optimizer)
-                removed[name] = components.tolist()
-                compensated[name] = removal.compensated
-                if predicted is not None:
-                    predicted += float(removal.loss_change)
+        for index, removal in removals.items():
+            name = self.modules[index].name
+            removed[name] = self._remove(index, removal, optimizer).tolist()
+            compensated[name] = removal.compensated
         self._broadcast()
         event = PruningEvent(
             step,
@@ -219,6 +240,8 @@ class RankPruner:
             self.stats.count,
             time.perf_counter() - start,
             compensated,
+            None if before is None else self.held_out() - before,
+            checks,
         )
         self.history.append(event)
         self.stats.reset()
@@ -226,12 +249,13 @@ class RankPruner:
             self.activations.reset()
         logger.log(
             logging.INFO if removed else logging.DEBUG,
-            "step %d: pruned %d components (%s), total rank %d, predicted loss change %s (%.2fs)",
+            "step %d: pruned %d components (%s), total rank %d, predicted loss change %s, measured %s (%.2fs)",
             step,
             sum(len(v) for v in removed.values()),
             self.config.criterion,
             event.total_rank,
             "-" if predicted is None else f"{predicted:.4g}",
+            "-" if event.measured_loss_change is None else f"{event.measured_loss_change:.4g}",
             event.seconds,
         )
         return event
@@ -258,7 +282,9 @@ class RankPruner:
         hinv_a: list[Tensor | None] = [None] * len(self.modules)
         grams_z = self._input_grams() if criterion in ACTIVATION_CRITERIA else None
         if criterion == "obs":
-            hinv_b, hinv_a = self._inverses(self.stats.gram_b, count), self._inverses(self.stats.gram_a, count)
+            form, examples = self.config.curvature_scale, self.examples_per_step
+            hinv_b = self._inverses(self.stats.gram_b, self.stats.divisors("b", form, examples))
+            hinv_a = self._inverses(self.stats.gram_a, self.stats.divisors("a", form, examples))
         elif criterion == "sparsegpt":
             hinv_b = self._inverses(grams_z)
         sequential = self.config.removal == "sequential"
@@ -279,7 +305,7 @@ class RankPruner:
             if criterion == "obs":
                 grad_b, grad_a = grads if grads is not None else (None, None)
                 sides = (Side(weight_b, grad_b, hinv_b[index]), Side(weight_a, grad_a, hinv_a[index]))
-                plans.append(CompensatedPlan(sides, self.config.compensate, sequential, self.config.newton_step))
+                plans.append(CompensatedPlan(sides, self.config.compensate, sequential))
             elif criterion == "sparsegpt":
                 plans.append(sparsegpt_plan(weight_b, weight_a, hinv_b[index], sequential))
             else:
@@ -287,15 +313,18 @@ class RankPruner:
                 plans.append(zeroing_plan(criterion, weight_b, weight_a, grads, gram_z))
         return plans
 
-    def _inverses(self, grams: Tensor, count: int = 1) -> list[Tensor | None]:
-        """`(H + λI)⁻¹` over the active components of every module (None at rank 0), `H = grams / count` from
-        `(m, r0, r0)` Gram sums: one batched float64 Cholesky per distinct rank (they can be ill-conditioned)."""
+    def _inverses(self, grams: Tensor, divisors: Tensor | None = None) -> list[Tensor | None]:
+        """`(H + λI)⁻¹` over the active components of every module (None at rank 0), `H = grams / divisors`
+        (one divisor per module, `CurvatureStats.divisors`; none: `grams` as they are) from `(m, r0, r0)`
+        Gram sums: one batched float64 Cholesky per distinct rank (they can be ill-conditioned)."""
         ranks = self.masks.ranks()
         out: list[Tensor | None] = [None] * len(self.modules)
         for rank in sorted(set(ranks) - {0}):
             members = [i for i, r in enumerate(ranks) if r == rank]
             indices = torch.stack([self.masks.active_indices(i) for i in members])  # (m, rank)
-            selected = grams[members].double() / count
+            selected = grams[members].double()
+            if divisors is not None:
+                selected = selected / divisors[members, None, None]
             selected = torch.gather(selected, 1, indices[:, :, None].expand(-1, -1, selected.shape[2]))
             selected = torch.gather(selected, 2, indices[:, None, :].expand(-1, rank, -1))
             for position, hinv in zip(members, damped_inverse(selected, self.config.damping).float()):
@@ -320,21 +349,42 @@ class RankPruner:
         return grams
 
     @torch.no_grad()
-    def _remove(
-        self, index: int, plan: CompensatedPlan | ZeroingPlan, count: int, optimizer: torch.optim.Optimizer | None
-    ) -> tuple[Tensor, ModuleRemoval]:
-        """Remove `count` components of module `index` as its plan says, in place (weights, masks, moments).
-
-        Returns the removed components (indices among the `r0`) and the removal.
-        """
-        removal = plan.remove(count)
+    def _write(self, index: int, removal: ModuleRemoval) -> Tensor:
+        """Write `removal`'s weights into module `index`'s active components; returns those indices among the `r0`."""
         active = self.masks.active_indices(index)
         module = self.modules[index]
         index_copy_(module.lora_b, 1, active, removal.weight_b.to(module.lora_b.dtype))
         index_copy_(module.lora_a, 0, active, removal.weight_a.T.to(module.lora_a.dtype))
-        components = active[removal.positions]
+        return active
+
+    @torch.no_grad()
+    def _remove(self, index: int, removal: ModuleRemoval, optimizer: torch.optim.Optimizer | None) -> Tensor:
+        """Apply `removal` to module `index` in place (weights, masks, moments); returns the removed components
+        (indices among the `r0`)."""
+        components = self._write(index, removal)[removal.positions]
         self.masks.prune(index, components, optimizer)
-        return components, removal
+        return components
+
+    @torch.no_grad()
+    def _check_modules(self, step: int, removals: dict[int, ModuleRemoval], before: float) -> list[ModuleCheck]:
+        """Measure the removals of up to `config.calibration_modules` modules alone on the held-out batch.
+
+        The modules are drawn at random (seeded by the step, so every process draws the same); each
+        one's removal is written, measured, and its weights put back before the next.
+        """
+        candidates = sorted(removals)
+        generator = torch.Generator().manual_seed(step)
+        order = torch.randperm(len(candidates), generator=generator)[: self.config.calibration_modules]
+        checks = []
+        for index in sorted(candidates[i] for i in order.tolist()):
+            module, removal = self.modules[index], removals[index]
+            saved = module.lora_a.detach().clone(), module.lora_b.detach().clone()
+            self._write(index, removal)
+            measured = self.held_out() - before
+            module.lora_a.copy_(saved[0])
+            module.lora_b.copy_(saved[1])
+            checks.append(ModuleCheck(module.name, float(removal.loss_change), float(removal.linear_change), measured))
+        return checks
 
     def _broadcast(self) -> None:
         """Make every data-parallel replica hold rank 0's masks and LoRA weights (FSDP shards stay each rank's)."""

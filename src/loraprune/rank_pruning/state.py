@@ -7,7 +7,8 @@ With their weights also zero, AdamW (with or without weight decay) leaves them e
 
 Curvature statistics are the gradient Gram matrices `G_Bᵀ·G_B` and `G_A·G_Aᵀ` (`r0 × r0` per
 module) and the gradient sums, accumulated once per optimizer step: `O(n·r0²)` per module,
-small next to the forward and backward passes.
+small next to the forward and backward passes. `CurvatureStats.divisors` turns the sums into
+a curvature on the loss's own scale (derived there).
 """
 
 from __future__ import annotations
@@ -127,7 +128,27 @@ class RankMasks:
 
 
 class CurvatureStats:
-    """Sums of gradient Gram matrices and gradients of every module since the last reset."""
+    """Sums of gradient Gram matrices and gradients of every module since the last reset.
+
+    **The curvature on the loss's own scale** (`divisors(form="fisher")`). Each optimizer step
+    minimises the mean loss `L = (1/N)·Σ_n ℓ_n` over its `N` examples; its Hessian is approximated
+    by the empirical Fisher of that mean, `F = E_n[vec(G_n)·vec(G_n)ᵀ]` with `G_n = ∇ℓ_n` the
+    per-example gradient: an average over examples, not a sum, so it does not grow with the batch.
+    Only the step's mean gradient `Ḡ = (1/N)·Σ_n G_n` is seen (one micro-batch of `N` examples
+    per step). For independent examples `E[vec(Ḡ)·vec(Ḡ)ᵀ] = μμᵀ + Σ/N` while `F = μμᵀ + Σ`
+    (`μ`, `Σ`: mean and covariance of `G_n`), so `N·E[vec(Ḡ)·vec(Ḡ)ᵀ] = F + (N − 1)·μμᵀ ≈ F`
+    where the gradient noise dominates its mean (mini-batch training; exact for `N = 1`). Over
+    the `S` steps of a window, `F̂ = (N/S)·Σ_s vec(Ḡ_s)·vec(Ḡ_s)ᵀ`.
+
+    `obs.py` shares one `r × r` curvature across the rows of `B` (`out` of them): the block of
+    row `i` is `F_i = E[g_niᵀ·g_ni]`, and the shared one is their mean,
+    `H_B = (1/out)·Σ_i F_i ≈ (N / (S·out))·Σ_s Ḡ_Bsᵀ·Ḡ_Bs`, and likewise
+    `H_A ≈ (N / (S·in))·Σ_s Ḡ_As·Ḡ_Asᵀ` across the `in` columns of `A`. With it,
+    `½·Δ·H·Δᵀ` summed over rows is a loss change in nats, on the scale of the gradient term.
+    The `gram` form, `(1/S)·Σ_s Ḡ_sᵀ·Ḡ_s` (design §1.2 as first written), is that curvature
+    times `rows / N`: its weight against the gradient term depends on the batch size and the
+    module's width, which `gram` is kept to reproduce.
+    """
 
     def __init__(self, modules: list[LoraModule], r0: int, keep_gradients: bool) -> None:
         self.modules = modules
@@ -138,6 +159,19 @@ class CurvatureStats:
         self.grad_a: list[Tensor] = []
         self.grad_b: list[Tensor] = []
         self.count = 0
+
+    def divisors(self, side: str, form: str, examples_per_step: int) -> Tensor:
+        """What each module's Gram sum (`side` "a" or "b") is divided by to give its curvature, shape `(m,)`.
+
+        `gram`: the step count `S`; `fisher`: `S·rows / N` with `rows` the rows sharing the
+        curvature (`out_features` of `B`, `in_features` of `A`) and `N = examples_per_step`.
+        """
+        count = float(max(self.count, 1))
+        if form == "gram":
+            return torch.full((len(self.modules),), count, dtype=torch.float64, device=self.gram_a.device)
+        axis = 0 if side == "b" else 1
+        rows = [(m.lora_b if side == "b" else m.lora_a).shape[axis] for m in self.modules]
+        return torch.tensor(rows, dtype=torch.float64, device=self.gram_a.device) * count / examples_per_step
 
     def reset(self) -> None:
         """Forget everything accumulated (a new window starts)."""

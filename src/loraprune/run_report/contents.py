@@ -17,8 +17,9 @@ WIDTHS_PNG = "report_kept_widths.png"
 BUDGET_PNG = "report_budget.png"
 LOSS_PNG = "report_loss.png"
 RANKS_PNG = "report_ranks.png"
+CALIBRATION_PNG = "report_calibration.png"
 #: every figure a report may draw (those a run does not need are removed on regeneration)
-FIGURES = (WIDTHS_PNG, BUDGET_PNG, LOSS_PNG, RANKS_PNG)
+FIGURES = (WIDTHS_PNG, BUDGET_PNG, LOSS_PNG, RANKS_PNG, CALIBRATION_PNG)
 
 REGENERATE = "Written by loraprune with the run; `loraprune report DIR` draws it again from `loraprune_report.json`."
 
@@ -256,6 +257,48 @@ def _rank_budget_section(record: Mapping[str, Any], figures: dict[str, Any]) -> 
     ]
 
 
+def _number(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _calibration_section(record: Mapping[str, Any], figures: dict[str, Any]) -> list[Block]:
+    """Predicted against measured loss changes of the pruning events (PrunedLoRA with a held-out batch)."""
+    summary = record.get("calibration")
+    if not summary:
+        return []
+    figures[CALIBRATION_PNG] = plots.calibration_scatter(record["pruning_events"])
+    return [
+        Heading("Calibration of the pruning score"),
+        Image(CALIBRATION_PNG, "predicted against measured loss change"),
+        Paragraph(
+            "The quadratic model's predicted loss change of every pruning event against the change measured on "
+            "held-out training examples (`calibration_examples`), and of single modules' removals measured alone "
+            "(`calibration_modules` per event)."
+        ),
+        Table(
+            ("", "pairs", "Spearman rank correlation", "same sign", "predicted total", "measured total"),
+            (
+                (
+                    "pruning events",
+                    str(summary["events"]),
+                    _number(summary["spearman_events"]),
+                    _number(summary["sign_agreement_events"]),
+                    _number(summary["predicted_total"], 4),
+                    _number(summary["measured_total"], 4),
+                ),
+                (
+                    "single modules",
+                    str(summary["module_checks"]),
+                    _number(summary["spearman_modules"]),
+                    _number(summary["sign_agreement_modules"]),
+                    "",
+                    "",
+                ),
+            ),
+        ),
+    ]
+
+
 def adapter_report(record: Mapping[str, Any], figures: dict[str, Any]) -> tuple[str, list[Block]]:
     """Title and blocks of a `prune-adapter` report; the figures it shows are added to `figures`."""
     settings = record["settings"]
@@ -315,6 +358,7 @@ def adapter_report(record: Mapping[str, Any], figures: dict[str, Any]) -> tuple[
     blocks += [
         Heading("Rank budget against step"),
         *_rank_budget_section(record, figures),
+        *_calibration_section(record, figures),
         Heading("Training loss"),
         *_loss_section(
             record["training"]["loss_history"], record["training"]["steps"], record.get("pruning_events") or [], figures

@@ -225,3 +225,45 @@ def rank_heatmap(ranks: Mapping[str, int], trained_rank: int | None = None) -> F
     total = sum(ranks.values())
     axis.set_title(f"Final LoRA rank per module\n(total {total:,}, mean {total / len(ranks):.2f})", fontsize=10)
     return figure
+
+
+def calibration_scatter(events: Sequence[Mapping[str, Any]]) -> Figure:
+    """PrunedLoRA's quadratic model against reality: predicted and measured held-out loss changes.
+
+    Left, every pruning event (labelled with its step); right, the single modules' removals
+    measured alone (`module_checks`), whose changes are far smaller, on their own scale. On the
+    dashed diagonal the prediction is exact; in the shaded quadrants its sign is wrong.
+    """
+    figure = new_figure(9.6, 4.4)
+    left, right = figure.subplots(1, 2)
+    whole = [
+        (e["step"], e["predicted_loss_change"], e["measured_loss_change"])
+        for e in events
+        if e.get("predicted_loss_change") is not None and e.get("measured_loss_change") is not None
+    ]
+    checks = [(c["predicted"], c["measured"]) for e in events for c in e.get("module_checks") or []]
+    _calibration_axis(left, [(p, m) for _, p, m in whole], "pruning event", KEPT, "Pruning events")
+    for step, predicted, measured in whole:
+        left.annotate(str(step), (predicted, measured), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    _calibration_axis(right, checks, "one module's removal", "#7f7f7f", "Single modules' removals")
+    return figure
+
+
+def _calibration_axis(axis: Axes, pairs: Sequence[tuple[float, float]], label: str, color: str, title: str) -> None:
+    """Predicted (x) against measured (y) pairs on a square, zero-centred axis with the wrong-sign quadrants shaded."""
+    limit = 1.1 * max((abs(v) for pair in pairs for v in pair), default=1.0) or 1.0
+    axis.fill_between([-limit, 0], 0, limit, color="#f2d7d5", alpha=0.6, linewidth=0, label="sign wrong")
+    axis.fill_between([0, limit], -limit, 0, color="#f2d7d5", alpha=0.6, linewidth=0)
+    axis.plot([-limit, limit], [-limit, limit], "--", color="grey", linewidth=0.8, label="predicted = measured")
+    if pairs:
+        axis.plot(*zip(*pairs), "o", color=color, markersize=4, label=label)
+    axis.set_xlim(-limit, limit)
+    axis.set_ylim(-limit, limit)
+    axis.axhline(0, color="black", linewidth=0.5)
+    axis.axvline(0, color="black", linewidth=0.5)
+    axis.ticklabel_format(style="sci", scilimits=(-2, 2))
+    axis.set_xlabel("predicted loss change (quadratic model, nats)")
+    axis.set_ylabel("measured on the held-out batch (nats)")
+    axis.set_title(title, fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right", fontsize=7)

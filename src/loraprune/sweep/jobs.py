@@ -129,7 +129,7 @@ MODEL_JOB = JobKind(
 # ---------------------------------------------------------------------------- adapter pruning
 
 ADAPTER_METRICS = {
-    "test_nll": "mean answer-token NLL of the saved adapter on the first eval.problems test problems",
+    "test_nll": "mean answer-token NLL of the saved adapter on eval.problems test problems after the first eval.skip",
     "test_tokens": "answer tokens the NLL is averaged over",
     "total_rank": "sum of the final ranks of all modules",
     "mean_rank": "mean final rank per module",
@@ -140,6 +140,11 @@ ADAPTER_METRICS = {
     "seconds_per_step": "train_seconds / training.steps",
     "train_loss": "mean training loss over all steps (as transformers.Trainer reports it)",
     "pruning_events": "pruning events that removed components (PrunedLoRA; 0 for the baselines)",
+    "predicted_loss_change": "summed over the pruning events: the quadratic model's predicted loss change (obs)",
+    "measured_loss_change": "summed over the pruning events: the loss change measured on the held-out batch",
+    "event_sign_agreement": "fraction of pruning events whose predicted and measured loss changes agree in sign",
+    "module_spearman": "rank correlation of predicted against measured loss changes of single modules' "
+    "removals (rank_pruning.calibration_modules per event)",
 }
 
 
@@ -168,6 +173,19 @@ ADAPTER_DERIVED = {
 }
 
 
+def calibration_metrics(events: list[dict[str, Any]]) -> Metrics:
+    """The calibration metrics of a run's pruning events (all None when nothing was measured)."""
+    from loraprune.rank_pruning.calibration import calibration_summary
+
+    summary = calibration_summary(events) or {}
+    return {
+        "predicted_loss_change": summary.get("predicted_total"),
+        "measured_loss_change": summary.get("measured_total"),
+        "event_sign_agreement": summary.get("sign_agreement_events"),
+        "module_spearman": summary.get("spearman_modules"),
+    }
+
+
 def run_adapter_job(configs: dict[str, Any], output: Path) -> Metrics:
     """`prune_adapter` with the point's configs, then the answer-token NLL of the adapter saved to `output`.
 
@@ -193,6 +211,7 @@ def run_adapter_job(configs: dict[str, Any], output: Path) -> Metrics:
         "seconds_per_step": run.train_seconds / training.steps,
         "train_loss": train_loss,
         "pruning_events": sum(event["removed"] > 0 for event in run.pruning_events),
+        **calibration_metrics(run.pruning_events),
     }
     del run
     gc.collect()  # the trained model goes before the saved adapter is loaded
