@@ -13,7 +13,8 @@
 
 `LoRAPruneCallback` calls the same methods from `transformers.Trainer`.
 
-Every optimizer step the LoRA-guided scores of the prunable groups are folded into an
+Every optimizer step the scores of the prunable groups (`config.score`: the activation-gradient
+loss change by default, or the paper's LoRA-guided estimate) are folded into an
 exponential moving average (a step whose gradients are not finite is skipped, with a
 warning). Every `prune_every` steps the lowest-scoring kept units are masked until the cubic
 schedule's current budget is reached; at the end of the ramp the budget is the exact
