@@ -48,6 +48,15 @@ class RankPruningConfig:
         "wanda only zero the removed components; compensate and use_gradient apply to obs only",
         choices=CRITERIA,
     )
+    basis: str = option(
+        "components",
+        help="what a rank component is when an event scores and removes: components = the adapter's own "
+        "columns of B and rows of A (the paper); singular = first rotate each module's active components "
+        "into the singular basis of its update B*A (exact: the model is unchanged; gradients, curvatures and "
+        "Adam's moments rotate with it), so that a component carries one singular value and removing the "
+        "weakest is the best low-rank approximation of the update (basis.py)",
+        choices=("components", "singular"),
+    )
     curvature: str = option(
         "window",
         help="gradient Gram matrices for the curvature: window = mean since the last pruning event, "

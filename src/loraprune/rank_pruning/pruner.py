@@ -53,6 +53,7 @@ from torch import Tensor
 from loraprune.distributed import broadcast_from_main, full_tensor, index_copy_, is_sharded, unwrap_parallel
 from loraprune.errors import LoraPruneError
 from loraprune.rank_pruning.activations import ActivationStats
+from loraprune.rank_pruning.basis import singular_basis
 from loraprune.rank_pruning.calibration import HeldOutLoss, ModuleCheck
 from loraprune.rank_pruning.config import ACTIVATION_CRITERIA, RankPruningConfig
 from loraprune.rank_pruning.criteria import CompensatedPlan, ZeroingPlan, sparsegpt_plan, zeroing_plan
@@ -212,6 +213,8 @@ class RankPruner:
     def _prune(self, step: int, target: int, optimizer: torch.optim.Optimizer | None) -> PruningEvent:
         """Score, select and remove components until `target` are gone (per module or in total)."""
         start = time.perf_counter()
+        if self.config.basis == "singular":
+            self._rotate_to_singular_basis(optimizer)
         ranks = self.masks.ranks()
         plans = self._plans()
         empty = torch.zeros(0, device=self.masks.active.device)  # modules at rank 0
@@ -312,6 +315,33 @@ class RankPruner:
                 gram_z = None if grams_z is None else grams_z[index][active][:, active]
                 plans.append(zeroing_plan(criterion, weight_b, weight_a, grads, gram_z))
         return plans
+
+    @torch.no_grad()
+    def _rotate_to_singular_basis(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Re-express every module's active components in the singular basis of its update (`basis.py`),
+        with the window's gradient statistics and the optimizer's moments of those components."""
+        for index, module in enumerate(self.modules):
+            active = self.masks.active_indices(index)
+            if active.numel() < 2:
+                continue
+            weight_b = full_tensor(module.lora_b.detach()).float().index_select(1, active)
+            weight_a = full_tensor(module.lora_a.detach()).float().index_select(0, active)
+            change = singular_basis(weight_b, weight_a)
+            index_copy_(module.lora_b, 1, active, change.weight_b.to(module.lora_b.dtype))
+            index_copy_(module.lora_a, 0, active, change.weight_a.to(module.lora_a.dtype))
+            self.stats.rotate(index, active, change)
+            state = optimizer.state.get(module.lora_b, {}) if optimizer is not None else {}
+            for key, value in state.items():
+                if isinstance(value, Tensor) and value.shape == module.lora_b.shape:
+                    moment = full_tensor(value).index_select(1, active)
+                    rotated = change.second_moment_b(moment) if key == "exp_avg_sq" else change.gradient_b(moment)
+                    index_copy_(value, 1, active, rotated)
+            state = optimizer.state.get(module.lora_a, {}) if optimizer is not None else {}
+            for key, value in state.items():
+                if isinstance(value, Tensor) and value.shape == module.lora_a.shape:
+                    moment = full_tensor(value).index_select(0, active)
+                    rotated = change.second_moment_a(moment) if key == "exp_avg_sq" else change.gradient_a(moment)
+                    index_copy_(value, 0, active, rotated)
 
     def _inverses(self, grams: Tensor, divisors: Tensor | None = None) -> list[Tensor | None]:
         """`(H + λI)⁻¹` over the active components of every module (None at rank 0), `H = grams / divisors`

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from loraprune.distributed import full_tensor, index_fill_
 from loraprune.errors import LoraPruneError
+from loraprune.rank_pruning.basis import BasisChange
 
 
 @dataclass
@@ -179,6 +180,16 @@ class CurvatureStats:
         self.gram_b.zero_()
         self.grad_a, self.grad_b = [], []
         self.count = 0
+
+    @torch.no_grad()
+    def rotate(self, index: int, active: Tensor, change: BasisChange) -> None:
+        """Express module `index`'s statistics of its `active` components in the basis of `change`."""
+        block = torch.meshgrid(active, active, indexing="ij")
+        self.gram_b[index][block] = change.gram_b(self.gram_b[index][block])
+        self.gram_a[index][block] = change.gram_a(self.gram_a[index][block])
+        if self.grad_b:
+            self.grad_b[index][:, active] = change.gradient_b(self.grad_b[index][:, active])
+            self.grad_a[index][active] = change.gradient_a(self.grad_a[index][active])
 
     @torch.no_grad()
     def accumulate(self) -> bool:
