@@ -61,8 +61,10 @@ def sample(model: nn.Module, count: int, generator: torch.Generator) -> dict[str
     return {"x": x, "y": mean + torch.randn(count, OUT, generator=generator)}
 
 
-def predicted_and_measured(curvature_scale: str, compensate: str, examples: int = 4) -> tuple[float, float]:
-    """Observe gradients of `examples`-example batches for 400 steps, remove 2 of 6 components, measure."""
+def pruning_event(curvature_scale: str, compensate: str, examples: int = 4, told_examples: int | None = None):
+    """Observe gradients of `examples`-example batches for 400 steps, remove 2 of 6 components, measure.
+
+    `told_examples`: the examples per step the pruner is told (default: the true count)."""
     model = gaussian_lora_model()
     config = RankPruningConfig(
         r0=R0,
@@ -79,13 +81,19 @@ def predicted_and_measured(curvature_scale: str, compensate: str, examples: int 
     )
     generator = torch.Generator().manual_seed(1)
     held_out = HeldOutLoss(model, sample(model, 50_000, generator))
-    pruner = RankPruner(model, config, total_steps=400, examples_per_step=examples, held_out=held_out)
+    told = examples if told_examples is None else told_examples
+    pruner = RankPruner(model, config, total_steps=400, examples_per_step=told, held_out=held_out)
     for step in range(1, 401):
         model.zero_grad()
         model(**sample(model, examples, generator)).loss.backward()
         pruner.observe_gradients()
         event = pruner.step(step)
     assert event is not None and event.total_rank == R0 - 2
+    return event
+
+
+def predicted_and_measured(curvature_scale: str, compensate: str) -> tuple[float, float]:
+    event = pruning_event(curvature_scale, compensate)
     return event.predicted_loss_change, event.measured_loss_change
 
 
@@ -102,6 +110,20 @@ def test_gram_curvature_misprices_by_the_rows_over_the_batch():
     """The old form is the Fisher times rows / N (40 / 4 for B): off by an order of magnitude."""
     predicted, measured = predicted_and_measured("gram", "b")
     assert predicted / measured == pytest.approx(OUT / 4, rel=0.15)
+
+
+@pytest.mark.parametrize("compensate", ["b", "a"])
+def test_measured_curvature_corrects_a_misscaled_fisher(compensate):
+    """Told 1 example per step instead of 4, the Fisher is 4x too flat; the factor measured along the
+    removal on the held-out batch restores the scale, and with it the prediction."""
+    event = pruning_event("measured", compensate, examples=4, told_examples=1)
+    assert event.curvature_factor == pytest.approx(4.0, rel=0.15)
+    assert event.predicted_loss_change == pytest.approx(event.measured_loss_change, rel=0.10)
+
+
+def test_measured_curvature_needs_held_out_examples():
+    with pytest.raises(Exception, match="calibration_examples"):
+        RankPruningConfig(r0=R0, rank=2, curvature_scale="measured", calibration_examples=0)
 
 
 def test_curvature_divisors_normalise_by_steps_rows_and_examples():

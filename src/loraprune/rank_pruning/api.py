@@ -197,6 +197,7 @@ def train_adapter(
                 "measured_loss_change": e.measured_loss_change,
                 "module_checks": [dataclasses.asdict(check) for check in e.module_checks],
                 "seconds": e.seconds,
+                "curvature_factor": e.curvature_factor,
             }
             for e in pruner.history
         ]

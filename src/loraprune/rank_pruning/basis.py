@@ -65,25 +65,30 @@ class BasisChange:
         return (self.transform.T.square() @ moment.double()).to(moment.dtype)
 
 
-def singular_basis(weight_b: Tensor, weight_a: Tensor) -> BasisChange:
-    """The change of basis that makes `weight_b (out, k) · weight_a (k, in)` balanced and orthogonal.
+def singular_basis(weight_b: Tensor, weight_a: Tensor, row_norm: float | None = None) -> BasisChange:
+    """The change of basis that makes the components of `weight_b (out, k) · weight_a (k, in)` orthogonal.
 
-    With `Aᵀ = Q·R` and `B·Rᵀ = U·S·Wᵀ`: `T = Rᵀ·W·S^-½`, `T⁻¹ = S^½·Wᵀ·R⁻ᵀ`, so that
-    `B·T = U·S^½` and `T⁻¹·A = S^½·(Q·W)ᵀ`. Computed in float64; the new factors are returned
-    in the input dtype. Singular values are floored at `RELATIVE_FLOOR` of the largest (an exact
-    zero update keeps `T` finite: then `T = I`-like scaling of an arbitrary basis).
+    With `Aᵀ = Q·R` and `B·Rᵀ = U·S·Wᵀ`: `T = Rᵀ·W·D`, `T⁻¹ = D⁻¹·Wᵀ·R⁻ᵀ`, so that `B·T = U·S·D`
+    and `T⁻¹·A = D⁻¹·(Q·W)ᵀ`. `row_norm=None`: balanced, `D = S^-½` (both factors of component
+    `j` have norm `√σ_j`); a number: every row of the new `A` has that norm, `D = 1/row_norm`
+    (the rest of the scale in `B`, as in a LoRA adapter whose `A` starts random and `B` at zero,
+    which keeps the optimizer's step sizes on the update where they were). Computed in float64;
+    the new factors are returned in the input dtype. Singular values are floored at
+    `RELATIVE_FLOOR` of the largest, and rows of `A` that are (nearly) dependent leave the basis
+    as it is, so `T` stays finite.
     """
     b, a = weight_b.double(), weight_a.double()
-    q, r = torch.linalg.qr(a.T)  # (in, k), (k, k)
+    _, r = torch.linalg.qr(a.T)  # Aᵀ = Q·R: (in, k), (k, k)
     diagonal = torch.diagonal(r).abs()
     floor = max(float(diagonal.max()) * RELATIVE_FLOOR, torch.finfo(torch.float64).tiny)
     if bool((diagonal < floor).any()):  # A has (nearly) dependent rows: no basis change
         eye = torch.eye(a.shape[0], dtype=torch.float64, device=a.device)
         return BasisChange(eye, eye, weight_b.clone(), weight_a.clone())
-    u, s, wh = torch.linalg.svd(b @ r.T, full_matrices=False)
+    _, s, wh = torch.linalg.svd(b @ r.T, full_matrices=False)
     s = s.clamp_min(max(float(s.max()) * RELATIVE_FLOOR, torch.finfo(torch.float64).tiny))
-    transform = r.T @ wh.T / s.sqrt()
-    inverse = s.sqrt()[:, None] * torch.linalg.solve_triangular(r, wh.T, upper=True, left=True).T
+    scale = 1 / s.sqrt() if row_norm is None else torch.full_like(s, 1 / row_norm)
+    transform = r.T @ wh.T * scale
+    inverse = torch.linalg.solve_triangular(r, wh.T, upper=True, left=True).T / scale[:, None]
     return BasisChange(
         transform,
         inverse,

@@ -69,8 +69,11 @@ class RankPruningConfig:
         help="scale of the curvature against the gradient term: fisher = the empirical Fisher of the mean "
         "loss (each step's gradient Gram times the examples per step, divided by the rows that share it; "
         "state.py derives it), so predicted loss changes are in nats; gram = the plain mean gradient Gram "
-        "summed over rows (the design's original form, whose scale depends on batch size and module width)",
-        choices=("fisher", "gram"),
+        "summed over rows (the design's original form, whose scale depends on batch size and module width); "
+        "measured = the fisher curvature times a factor measured at every event along the planned removal on "
+        "the held-out batch (two extra forward passes: the loss at +removal and -removal give its curvature), "
+        "then the removal is planned again with it (needs calibration_examples > 0)",
+        choices=("fisher", "gram", "measured"),
     )
     damping: float = option(0.01, help="relative damping: lambda = damping * mean diagonal of each curvature")
     use_gradient: bool = option(True, help="include the gradient term of the loss model (off: classical OBS)")
@@ -129,6 +132,11 @@ class RankPruningConfig:
         check(0 <= self.min_rank <= self.rank, f"min_rank must be in [0, rank={self.rank}], got {self.min_rank}")
         check(self.calibration_examples >= 0, f"calibration_examples must be >= 0, got {self.calibration_examples}")
         check(self.calibration_modules >= 0, f"calibration_modules must be >= 0, got {self.calibration_modules}")
+        check(
+            self.curvature_scale != "measured" or (self.calibration_examples > 0 and self.criterion == "obs"),
+            "curvature_scale=measured measures the curvature on held-out examples: it needs "
+            "calibration_examples > 0 and the obs criterion",
+        )
 
     @property
     def lora_alpha(self) -> float:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -80,6 +81,7 @@ class PruningEvent:
     # "none" for the criteria that only zero
     measured_loss_change: float | None = None  # on the held-out batch (None without one)
     module_checks: list[ModuleCheck] = field(default_factory=list)  # sampled modules' removals measured alone
+    curvature_factor: float | None = None  # curvature_scale="measured": the measured / the Fisher curvature
 
 
 def global_removal_counts(scores: Sequence[Tensor], need: int, min_rank: int, normalization: str) -> list[int]:
@@ -215,18 +217,13 @@ class RankPruner:
         start = time.perf_counter()
         if self.config.basis == "singular":
             self._rotate_to_singular_basis(optimizer)
-        ranks = self.masks.ranks()
-        plans = self._plans()
-        empty = torch.zeros(0, device=self.masks.active.device)  # modules at rank 0
-        scores = [empty if plan is None else plan.scores for plan in plans]
-        if self.schedule.per_module:
-            counts = [max(0, target - (self.config.r0 - rank)) for rank in ranks]
-        else:
-            need = target - sum(self.config.r0 - rank for rank in ranks)
-            counts = global_removal_counts(scores, max(need, 0), self.config.min_rank, self.config.normalization)
-        removals = {index: plans[index].remove(count) for index, count in enumerate(counts) if count > 0}
-        predicted = None if self.config.criterion != "obs" else sum(float(r.loss_change) for r in removals.values())
+        removals = self._plan_removals(target, self._plans())
         before = None if self.held_out is None else self.held_out()
+        factor = None
+        if self.config.curvature_scale == "measured" and before is not None and removals:
+            factor = self._measured_curvature_factor(removals, before)
+            removals = self._plan_removals(target, self._plans(factor))
+        predicted = None if self.config.criterion != "obs" else sum(float(r.loss_change) for r in removals.values())
         checks = [] if before is None or predicted is None else self._check_modules(step, removals, before)
         removed: dict[str, list[int]] = {}
         compensated: dict[str, str] = {}
@@ -245,6 +242,7 @@ class RankPruner:
             compensated,
             None if before is None else self.held_out() - before,
             checks,
+            factor,
         )
         self.history.append(event)
         self.stats.reset()
@@ -265,8 +263,61 @@ class RankPruner:
 
     # ---- scoring and removal ----------------------------------------------------------------
 
-    def _plans(self) -> list[CompensatedPlan | ZeroingPlan | None]:
+    def _plan_removals(
+        self, target: int, plans: list[CompensatedPlan | ZeroingPlan | None]
+    ) -> dict[int, ModuleRemoval]:
+        """The removal of every module that loses components at this event (by module index)."""
+        ranks = self.masks.ranks()
+        if self.schedule.per_module:
+            counts = [max(0, target - (self.config.r0 - rank)) for rank in ranks]
+        else:
+            empty = torch.zeros(0, device=self.masks.active.device)  # modules at rank 0
+            scores = [empty if plan is None else plan.scores for plan in plans]
+            need = target - sum(self.config.r0 - rank for rank in ranks)
+            counts = global_removal_counts(scores, max(need, 0), self.config.min_rank, self.config.normalization)
+        return {index: plans[index].remove(count) for index, count in enumerate(counts) if count > 0}
+
+    @torch.no_grad()
+    def _measured_curvature_factor(self, removals: dict[int, ModuleRemoval], before: float) -> float:
+        """How much more curved the held-out loss is along the planned removal than the Fisher model says.
+
+        The removal `Δ` of the compensating factors is applied forwards and backwards (`θ ± Δ`, the
+        other factor as it is); `(L(θ+Δ) + L(θ−Δ) − 2·L(θ)) / 2` is the curvature term along `Δ`,
+        compared with the model's `Σ ½·Δ·H·Δᵀ`. Falls back to 1 (with a warning) when either is not
+        positive: then the measurement says nothing about the scale.
+        """
+        saved = {
+            i: (self.modules[i].lora_a.detach().clone(), self.modules[i].lora_b.detach().clone()) for i in removals
+        }
+        for index, removal in removals.items():
+            self._write(index, removal)
+        plus = self.held_out()
+        for index, removal in removals.items():
+            module, (old_a, old_b) = self.modules[index], saved[index]
+            new_a, new_b = module.lora_a.detach().clone(), module.lora_b.detach().clone()
+            sides = "ab" if removal.compensated == "both" else removal.compensated
+            module.lora_a.copy_(2 * old_a - new_a if "a" in sides else old_a)
+            module.lora_b.copy_(2 * old_b - new_b if "b" in sides else old_b)
+        minus = self.held_out()
+        for index, (old_a, old_b) in saved.items():
+            self.modules[index].lora_a.copy_(old_a)
+            self.modules[index].lora_b.copy_(old_b)
+        measured = (plus + minus - 2 * before) / 2
+        modelled = sum(float(r.loss_change - r.linear_change) for r in removals.values())
+        if not (measured > 0 and modelled > 0 and math.isfinite(measured / modelled)):
+            logger.warning(
+                "the held-out loss is not convex along this event's removal (measured curvature term %.3g, "
+                "modelled %.3g): the Fisher curvature is used as it is",
+                measured,
+                modelled,
+            )
+            return 1.0
+        return measured / modelled
+
+    def _plans(self, curvature_factor: float = 1.0) -> list[CompensatedPlan | ZeroingPlan | None]:
         """Every module's scores and removal under `config.criterion`, over its active components (None at rank 0).
+
+        `curvature_factor` multiplies the obs curvature (`curvature_scale="measured"`).
 
         Gradients and curvatures are the means over the statistics window. The `(n, k)` products
         run in float32, which is ample for ranking components and compensating them.
@@ -285,9 +336,12 @@ class RankPruner:
         hinv_a: list[Tensor | None] = [None] * len(self.modules)
         grams_z = self._input_grams() if criterion in ACTIVATION_CRITERIA else None
         if criterion == "obs":
-            form, examples = self.config.curvature_scale, self.examples_per_step
-            hinv_b = self._inverses(self.stats.gram_b, self.stats.divisors("b", form, examples))
-            hinv_a = self._inverses(self.stats.gram_a, self.stats.divisors("a", form, examples))
+            form = "fisher" if self.config.curvature_scale == "measured" else self.config.curvature_scale
+            examples = self.examples_per_step
+            divisors_b = self.stats.divisors("b", form, examples) / curvature_factor
+            divisors_a = self.stats.divisors("a", form, examples) / curvature_factor
+            hinv_b = self._inverses(self.stats.gram_b, divisors_b)
+            hinv_a = self._inverses(self.stats.gram_a, divisors_a)
         elif criterion == "sparsegpt":
             hinv_b = self._inverses(grams_z)
         sequential = self.config.removal == "sequential"
@@ -326,7 +380,7 @@ class RankPruner:
                 continue
             weight_b = full_tensor(module.lora_b.detach()).float().index_select(1, active)
             weight_a = full_tensor(module.lora_a.detach()).float().index_select(0, active)
-            change = singular_basis(weight_b, weight_a)
+            change = singular_basis(weight_b, weight_a, row_norm=float(weight_a.square().sum(1).mean().sqrt()))
             index_copy_(module.lora_b, 1, active, change.weight_b.to(module.lora_b.dtype))
             index_copy_(module.lora_a, 0, active, change.weight_a.to(module.lora_a.dtype))
             self.stats.rotate(index, active, change)
