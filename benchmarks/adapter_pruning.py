@@ -47,7 +47,7 @@ from loraprune.evaluation.sft import answer_nll
 from loraprune.io import write_json
 from loraprune.lora import add_lora
 from loraprune.models import DEFAULT_MODEL, load_model
-from loraprune.rank_pruning.api import load_sft_dataset, save_adapter, train_adapter
+from loraprune.rank_pruning.api import ADAPTER_LR_SCHEDULE, load_sft_dataset, save_adapter, train_adapter
 from loraprune.rank_pruning.config import RankPruningConfig
 from loraprune.rank_pruning.pruner import RankPruner
 from loraprune.run_report.plots import draw_rank_heatmap, new_figure, save_figure
@@ -76,6 +76,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument(
+        "--lr-scheduler-type",
+        default=ADAPTER_LR_SCHEDULE,
+        choices=("linear", "cosine", "constant", "constant_with_warmup"),
+        help="learning-rate schedule of every run (the default of loraprune prune-adapter)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prune-every", type=int, default=10, help="K1 (and AdaLoRA's deltaT)")
     parser.add_argument("--per-event", type=int, default=2, help="K2 of the per-module schedule")
@@ -88,6 +94,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-answer-tokens", type=int, default=256)
     parser.add_argument("--nll-problems", type=int, default=64)
+    parser.add_argument(
+        "--confirm-problems",
+        type=int,
+        default=128,
+        help="also the answer-token NLL on this many test problems after the first --nll-problems: a second "
+        "set that played no part in choosing the defaults (0: none)",
+    )
     parser.add_argument("--em-problems", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--ppl-tokens", type=int, default=16384)
@@ -181,6 +194,12 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, test: dict[str, Any], args:
     model.eval()
     started = time.perf_counter()
     result = {"test_nll": answer_nll(model, test["nll_examples"], tokenizer.pad_token_id, args.eval_batch_size)}
+    if test.get("confirm_examples"):
+        result["confirm_nll"] = {
+            **answer_nll(model, test["confirm_examples"], tokenizer.pad_token_id, args.eval_batch_size),
+            "skip": args.nll_problems,
+            "problems": len(test["confirm_examples"]),
+        }
     result["gsm8k_greedy"] = greedy_exact_match(
         model, tokenizer, test["em_records"], args.max_new_tokens, args.eval_batch_size
     )
@@ -216,6 +235,7 @@ def run_one(spec: dict[str, Any], args: argparse.Namespace, train_set: list, tes
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        lr_scheduler_type=args.lr_scheduler_type,
         seed=args.seed,
         logging_steps=max(1, args.steps // 10),
     )
@@ -290,10 +310,13 @@ def step_times(args: argparse.Namespace, train_set: list, r0: int) -> dict[str, 
 
 def load_test_sets(tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
     path = data_root() / "gsm8k" / "test.jsonl"
-    records = load_sft_records(str(path), split="test", limit=max(args.nll_problems, args.em_problems))
+    limit = max(args.nll_problems + args.confirm_problems, args.em_problems)
+    records = load_sft_records(str(path), split="test", limit=limit)
+    confirm = records[args.nll_problems : args.nll_problems + args.confirm_problems]
     return {
         "path": str(path),
         "nll_examples": tokenize_sft(records[: args.nll_problems], tokenizer, args.max_answer_tokens),
+        "confirm_examples": tokenize_sft(confirm, tokenizer, args.max_answer_tokens) if confirm else [],
         "em_records": records[: args.em_problems],
     }
 
@@ -353,6 +376,11 @@ def plot_heatmaps(results: dict[str, Any], path: Path) -> None:
     save_figure(figure, path)
 
 
+def _confirm(result: dict[str, Any]) -> str:
+    """The NLL on the confirmation problems, or '-' for a run measured before they existed."""
+    return f"{result['confirm_nll']['nll']:.4f}" if "confirm_nll" in result else "-"
+
+
 def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     base = results["before_training"]
@@ -361,7 +389,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Reproduce: `{results['command']}`",
         "",
-        f"Training: {s['steps']} steps, batch {s['batch_size']}, AdamW lr {s['learning_rate']} with linear decay, "
+        f"Training: {s['steps']} steps, batch {s['batch_size']}, AdamW lr {s['learning_rate']} "
+        f"({s.get('lr_scheduler_type', 'linear')} schedule), "
         f"seed {s['seed']}, fp32 on {results['environment']['device']}, all seven projections, scaling "
         f"alpha/r = 1 for every method, answers cut at {s['max_answer_tokens']} tokens, loss on answer tokens. "
         f"PrunedLoRA: prune every {s['prune_every']} steps after a 10 % warm-up until the start of a 10 % "
@@ -376,12 +405,14 @@ def markdown(results: dict[str, Any]) -> str:
         f"Evaluation: answer-token NLL on the first {s['nll_problems']} problems of GSM8K test.jsonl (file "
         f"order); greedy exact match of the `####` number on the first {s['em_problems']} problems, at most "
         f"{s['max_new_tokens']} new tokens; WikiText-2 test perplexity on the first {s['ppl_tokens']} tokens in "
-        "windows of 128.",
+        "windows of 128. Confirmation set: the answer-token NLL on the next problems of GSM8K test "
+        f"(problems {s['nll_problems']}-{s['nll_problems'] + s.get('confirm_problems', 0) - 1}), which played "
+        "no part in choosing the defaults ('-': measured before it existed).",
         "",
-        "| run | final total rank (mean) | modules at 0 | test NLL | EM | WikiText-2 ppl | adapter params | "
-        "file (MB) | train s/step | time vs LoRA r0 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| base model (no training) | - | - | {base['test_nll']['nll']:.4f} | "
+        "| run | final total rank (mean) | modules at 0 | test NLL | NLL, confirmation set | EM | WikiText-2 ppl | "
+        "adapter params | file (MB) | train s/step | time vs LoRA r0 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| base model (no training) | - | - | {base['test_nll']['nll']:.4f} | {_confirm(base)} | "
         f"{base['gsm8k_greedy']['correct']}/{base['gsm8k_greedy']['problems']} | "
         f"{base['wikitext2']['perplexity']:.2f} | - | - | - | - |",
     ]
@@ -390,7 +421,7 @@ def markdown(results: dict[str, Any]) -> str:
         rel = "-" if r["time_vs_lora_r0"] is None else f"{r['time_vs_lora_r0']:.2f}x"
         lines.append(
             f"| {name} | {r['total_rank']} ({r['total_rank'] / modules:.2f}) | {r['modules_at_rank_zero']} | "
-            f"{r['test_nll']['nll']:.4f} | {r['gsm8k_greedy']['correct']}/{r['gsm8k_greedy']['problems']} | "
+            f"{r['test_nll']['nll']:.4f} | {_confirm(r)} | {r['gsm8k_greedy']['correct']}/{r['gsm8k_greedy']['problems']} | "
             f"{r['wikitext2']['perplexity']:.2f} | {r['adapter_parameters']:,} | "
             f"{r['adapter_file_bytes'] / 2**20:.2f} | {r['seconds_per_step']:.2f} | {rel} |"
         )

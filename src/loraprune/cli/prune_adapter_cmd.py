@@ -11,7 +11,7 @@ from collections import defaultdict
 
 from loraprune.config import add_dataclass_arguments, dataclass_from_args
 from loraprune.distributed import is_main_process
-from loraprune.rank_pruning.api import AdapterRunConfig, prune_adapter
+from loraprune.rank_pruning.api import ADAPTER_LR_SCHEDULE, AdapterRunConfig, prune_adapter
 from loraprune.rank_pruning.config import RankPruningConfig
 from loraprune.safety.output import claim_run_output
 from loraprune.training import TrainingConfig
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for config_class in (AdapterRunConfig, RankPruningConfig, TrainingConfig):
         group = parser.add_argument_group(config_class.__doc__.splitlines()[0].rstrip("."))
         add_dataclass_arguments(group, config_class)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, lr_scheduler_type=ADAPTER_LR_SCHEDULE)
 
 
 def rank_table(ranks: dict[str, int]) -> str:

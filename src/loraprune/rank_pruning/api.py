@@ -53,6 +53,11 @@ from loraprune.training import TrainingConfig, train
 logger = logging.getLogger(__name__)
 
 METHODS = ("prunedlora", "lora", "lora-r0", "adalora")
+#: the learning-rate schedule `loraprune prune-adapter` trains every method with unless told otherwise:
+#: a constant rate, since decaying it linearly to zero leaves the last pruning events and the steps after
+#: them almost no rate to recover with (the 128 -> 8 gap study, README "PrunedLoRA"); the Python
+#: `TrainingConfig` keeps the transformers default (linear)
+ADAPTER_LR_SCHEDULE = "constant"
 
 
 @dataclass
