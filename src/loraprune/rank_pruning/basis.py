@@ -4,11 +4,11 @@ A LoRA module's components (columns `b_j` of `B`, rows `a_j` of `A`) are an arbi
 its update: `B·A = (B·T)·(T⁻¹·A)` for every invertible `T`. At initialisation the rows of `A`
 are random, so the update's energy is spread over all `r0` components and removing any of them
 removes a piece of every direction the adapter learnt. Rotated into the singular basis of
-`B·A` (`B·T = U·S^½`, `T⁻¹·A = S^½·Vᵀ`, "balanced"), component `j` carries exactly singular
-value `σ_j`, the components are orthogonal on both sides, and removing the `k` weakest is the
-best rank-`(r − k)` approximation of the update (Eckart–Young). On trained SmolLM2 adapters
-this truncation keeps the update's quality far better than removing original components
-(README, PrunedLoRA).
+`B·A` (`B·T = U·S·D`, `T⁻¹·A = D⁻¹·Vᵀ`), component `j` carries exactly singular value `σ_j`,
+the components are orthogonal on both sides, and removing the `k` weakest is the best
+rank-`(r − k)` approximation of the update (Eckart–Young). Measured, though, rotating at every
+event of a run trains worse than pruning the adapter's own components (README, PrunedLoRA: the
+128 → 8 gap study), which is why `basis="components"` is the default.
 
 The rotation changes nothing the model computes. Everything that lives in the component basis
 moves with it, exactly where it is linear in the gradients:

@@ -143,6 +143,7 @@ ADAPTER_METRICS = {
     "predicted_loss_change": "summed over the pruning events: the quadratic model's predicted loss change (obs)",
     "measured_loss_change": "summed over the pruning events: the loss change measured on the held-out batch",
     "event_sign_agreement": "fraction of pruning events whose predicted and measured loss changes agree in sign",
+    "event_spearman": "rank correlation of predicted against measured loss changes over the pruning events",
     "module_spearman": "rank correlation of predicted against measured loss changes of single modules' "
     "removals (rank_pruning.calibration_modules per event)",
 }
@@ -182,6 +183,7 @@ def calibration_metrics(events: list[dict[str, Any]]) -> Metrics:
         "predicted_loss_change": summary.get("predicted_total"),
         "measured_loss_change": summary.get("measured_total"),
         "event_sign_agreement": summary.get("sign_agreement_events"),
+        "event_spearman": summary.get("spearman_events"),
         "module_spearman": summary.get("spearman_modules"),
     }
 
