@@ -304,6 +304,7 @@ def step_times(args: argparse.Namespace, train_set: list, r0: int) -> dict[str, 
         "seconds": seconds,
         "total_seconds": totals,
         "ratio": totals["prunedlora"] / totals["lora-r0"],
+        "curvature_statistics_bytes": pruner.stats.nbytes,
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -421,7 +422,8 @@ def markdown(results: dict[str, Any]) -> str:
         rel = "-" if r["time_vs_lora_r0"] is None else f"{r['time_vs_lora_r0']:.2f}x"
         lines.append(
             f"| {name} | {r['total_rank']} ({r['total_rank'] / modules:.2f}) | {r['modules_at_rank_zero']} | "
-            f"{r['test_nll']['nll']:.4f} | {_confirm(r)} | {r['gsm8k_greedy']['correct']}/{r['gsm8k_greedy']['problems']} | "
+            f"{r['test_nll']['nll']:.4f} | {_confirm(r)} | "
+            f"{r['gsm8k_greedy']['correct']}/{r['gsm8k_greedy']['problems']} | "
             f"{r['wikitext2']['perplexity']:.2f} | {r['adapter_parameters']:,} | "
             f"{r['adapter_file_bytes'] / 2**20:.2f} | {r['seconds_per_step']:.2f} | {rel} |"
         )

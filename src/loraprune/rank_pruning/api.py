@@ -311,6 +311,7 @@ def adapter_report(
         },
         "pruning_events": run.pruning_events,
         "calibration": calibration_summary(run.pruning_events),
+        "curvature_statistics_bytes": None if run.pruner is None else run.pruner.stats.nbytes,
         "planned_total_rank": planned,
         "perplexity_before": None,
         "perplexity_after": None,

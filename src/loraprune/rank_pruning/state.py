@@ -161,6 +161,16 @@ class CurvatureStats:
         self.grad_b: list[Tensor] = []
         self.count = 0
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the statistics hold: the two `(m, r0, r0)` Gram sums and, when kept, the gradient sums
+        (one more copy of the adapter's size): what PrunedLoRA adds to a LoRA run at `r0`."""
+        grams = self.gram_a.numel() * self.gram_a.element_size() + self.gram_b.numel() * self.gram_b.element_size()
+        if not self.keep_gradients:
+            return grams
+        adapter = sum(m.lora_a.numel() + m.lora_b.numel() for m in self.modules)
+        return grams + adapter * self.gram_a.element_size()
+
     def divisors(self, side: str, form: str, examples_per_step: int) -> Tensor:
         """What each module's Gram sum (`side` "a" or "b") is divided by to give its curvature, shape `(m,)`.
 

@@ -296,7 +296,26 @@ def _calibration_section(record: Mapping[str, Any], figures: dict[str, Any]) -> 
                 ),
             ),
         ),
+        *_statistics_paragraph(record),
     ]
+
+
+def _statistics_paragraph(record: Mapping[str, Any]) -> list[Block]:
+    """The curvature factors measured at the events (`curvature_scale="measured"`) and the statistics' memory."""
+    parts = []
+    factors = [e["curvature_factor"] for e in record["pruning_events"] if e.get("curvature_factor") is not None]
+    if factors:
+        parts.append(
+            "Measured curvature over the Fisher's along each event's removal: "
+            + ", ".join(_number(f, 3) for f in factors)
+            + "."
+        )
+    if record.get("curvature_statistics_bytes"):
+        parts.append(
+            "The gradient statistics (Gram matrices and gradient sums) held "
+            f"{record['curvature_statistics_bytes'] / 2**20:.1f} MiB."
+        )
+    return [Paragraph(" ".join(parts))] if parts else []
 
 
 def adapter_report(record: Mapping[str, Any], figures: dict[str, Any]) -> tuple[str, list[Block]]:
