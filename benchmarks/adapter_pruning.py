@@ -51,7 +51,7 @@ from loraprune.rank_pruning.api import ADAPTER_LR_SCHEDULE, load_sft_dataset, sa
 from loraprune.rank_pruning.config import RankPruningConfig
 from loraprune.rank_pruning.pruner import RankPruner
 from loraprune.run_report.plots import draw_rank_heatmap, new_figure, save_figure
-from loraprune.training import TrainingConfig
+from loraprune.training import LR_SCHEDULES, TrainingConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,8 +79,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--lr-scheduler-type",
         default=ADAPTER_LR_SCHEDULE,
-        choices=("linear", "cosine", "constant", "constant_with_warmup"),
+        choices=LR_SCHEDULES,
         help="learning-rate schedule of every run (the default of loraprune prune-adapter)",
+    )
+    parser.add_argument(
+        "--decay-fraction", type=float, default=0.2, help="warmup_stable_decay: fraction of the steps decaying"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prune-every", type=int, default=10, help="K1 (and AdaLoRA's deltaT)")
@@ -236,6 +239,7 @@ def run_one(spec: dict[str, Any], args: argparse.Namespace, train_set: list, tes
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         lr_scheduler_type=args.lr_scheduler_type,
+        decay_fraction=args.decay_fraction,
         seed=args.seed,
         logging_steps=max(1, args.steps // 10),
     )

@@ -23,6 +23,9 @@ from loraprune.safety.checkpoints import Checkpointing
 from loraprune.safety.divergence import LossGuard
 from loraprune.safety.options import DIVERGENCE_FACTOR, DIVERGENCE_HELP
 
+#: learning-rate schedules of `TrainingConfig` (transformers' names)
+LR_SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup", "warmup_stable_decay")
+
 
 @dataclass
 class TrainingConfig:
@@ -33,7 +36,13 @@ class TrainingConfig:
     batch_size: int = option(8, help="examples per device per micro-batch")
     gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step")
     lr_scheduler_type: str = option(
-        "linear", help="learning-rate schedule", choices=("linear", "cosine", "constant", "constant_with_warmup")
+        "linear",
+        help="learning-rate schedule; warmup_stable_decay: constant, then a linear decay to zero over the last "
+        "decay_fraction of the steps",
+        choices=LR_SCHEDULES,
+    )
+    decay_fraction: float = option(
+        0.2, help="warmup_stable_decay: fraction of the steps (at the end) over which the rate decays to zero"
     )
     warmup_ratio: float = option(0.0, help="fraction of the steps spent warming up the learning rate")
     weight_decay: float = option(0.0, help="AdamW weight decay")
@@ -72,6 +81,7 @@ class TrainingConfig:
             "batch_size and gradient_accumulation_steps must be >= 1",
         )
         check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        check(0.0 < self.decay_fraction <= 1.0, f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         check(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0")
         check(self.logging_steps >= 1, "logging_steps must be >= 1")
         check(
@@ -115,6 +125,13 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS))
 
 
+def _scheduler_kwargs(config: TrainingConfig) -> dict[str, Any]:
+    """The extra arguments of the schedule (warmup_stable_decay: how many steps decay, linearly)."""
+    if config.lr_scheduler_type != "warmup_stable_decay":
+        return {}
+    return {"num_decay_steps": max(1, round(config.decay_fraction * config.steps)), "decay_type": "linear"}
+
+
 def training_arguments(
     config: TrainingConfig, output_dir: str, use_cpu: bool | None = None, save_steps: int = 0
 ) -> TrainingArguments:
@@ -130,6 +147,7 @@ def training_arguments(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler_type,
+        lr_scheduler_kwargs=_scheduler_kwargs(config),
         warmup_steps=config.warmup_ratio,  # transformers 5: a value below 1 is a fraction of the steps
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
