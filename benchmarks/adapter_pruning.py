@@ -73,6 +73,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="PrunedLoRA schedules to run",
     )
     parser.add_argument("--runs", nargs="*", default=None, help="run only these run names (default: all)")
+    parser.add_argument(
+        "--no-gradient",
+        action="store_true",
+        help="PrunedLoRA without the gradient term of its score (use_gradient=False); its runs get the suffix -nograd",
+    )
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -122,8 +127,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _variant(compensate: str) -> str:
-    return "" if compensate == "auto" else f"-{compensate}"
+def _variant(compensate: str, no_gradient: bool = False) -> str:
+    return ("" if compensate == "auto" else f"-{compensate}") + ("-nograd" if no_gradient else "")
 
 
 def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -134,7 +139,7 @@ def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
         if "per_module" in args.schedules:
             runs += [
                 {
-                    "name": f"prunedlora-{r0}to{args.rank}{_variant(c)}",
+                    "name": f"prunedlora-{r0}to{args.rank}{_variant(c, args.no_gradient)}",
                     "method": "prunedlora",
                     "r0": r0,
                     "schedule": "per_module",
@@ -146,7 +151,7 @@ def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     if "global" in args.schedules:
         runs += [
             {
-                "name": f"prunedlora-{r0}to{args.rank}-global{_variant(c)}",
+                "name": f"prunedlora-{r0}to{args.rank}-global{_variant(c, args.no_gradient)}",
                 "method": "prunedlora",
                 "r0": r0,
                 "schedule": "global",
@@ -233,6 +238,7 @@ def run_one(spec: dict[str, Any], args: argparse.Namespace, train_set: list, tes
         prune_every=args.prune_every,
         per_event=args.per_event,
         compensate=spec.get("compensate", "auto"),
+        use_gradient=not (spec["method"] == "prunedlora" and args.no_gradient),
     )
     training = TrainingConfig(
         steps=args.steps,
@@ -475,7 +481,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefix = Path(args.output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     json_path = prefix.with_suffix(".json")
-    settings = {k: v for k, v in vars(args).items() if k not in ("runs", "fresh", "output_prefix", "step_time")}
+    # per-run choices (recorded in each run's pruning_config) are not settings of the whole table
+    per_run = ("runs", "fresh", "output_prefix", "step_time", "no_gradient")
+    settings = {k: v for k, v in vars(args).items() if k not in per_run}
+    if args.lr_scheduler_type != "warmup_stable_decay":
+        settings.pop("decay_fraction")
     previous = json.loads(json_path.read_text()) if json_path.exists() and not args.fresh else None
     if previous is not None and previous["settings"] != settings:
         raise SystemExit(f"{json_path} holds runs with other settings; pass --fresh to start over")
