@@ -52,6 +52,13 @@ def test_gradients_and_their_grams_rotate_with_the_basis():
     torch.testing.assert_close(change.gram_a(grad_a @ grad_a.T), new_grad_a @ new_grad_a.T, atol=1e-6, rtol=1e-4)
 
 
+def test_a_scaled_basis_gives_every_row_of_a_the_norm_asked_for():
+    weight_b, weight_a = factors(3)
+    change = singular_basis(weight_b, weight_a, row_norm=0.5)
+    torch.testing.assert_close(change.weight_b @ change.weight_a, weight_b @ weight_a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(change.weight_a.norm(dim=1), torch.full((R0,), 0.5), atol=1e-5, rtol=1e-5)
+
+
 def test_dependent_rows_of_a_leave_the_basis_alone():
     weight_b, weight_a = factors()
     weight_a[1] = 2 * weight_a[0]
@@ -108,7 +115,8 @@ def test_pruner_in_the_singular_basis(criterion):
     with torch.no_grad():
         before = model(x)
     moment_b = optimizer.state[module.lora_b]["exp_avg"].clone()
-    change = singular_basis(module.lora_b.detach(), module.lora_a.detach())
+    row_norm = float(module.lora_a.detach().square().sum(1).mean().sqrt())  # the pruner keeps A's scale
+    change = singular_basis(module.lora_b.detach(), module.lora_a.detach(), row_norm=row_norm)
     pruner._rotate_to_singular_basis(optimizer)
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-4)

@@ -70,9 +70,10 @@ class RankPruningConfig:
         "loss (each step's gradient Gram times the examples per step, divided by the rows that share it; "
         "state.py derives it), so predicted loss changes are in nats; gram = the plain mean gradient Gram "
         "summed over rows (the design's original form, whose scale depends on batch size and module width); "
-        "measured = the fisher curvature times a factor measured at every event along the planned removal on "
-        "the held-out batch (two extra forward passes: the loss at +removal and -removal give its curvature), "
-        "then the removal is planned again with it (needs calibration_examples > 0)",
+        "measured = at every event the planned removal is applied forwards and backwards on the held-out "
+        "batch (two extra forward passes): the curvature and first-order change measured along it rescale the "
+        "fisher curvature and the gradient term (the latter floored at 0), then the removal is planned again "
+        "(needs calibration_examples > 0)",
         choices=("fisher", "gram", "measured"),
     )
     damping: float = option(0.01, help="relative damping: lambda = damping * mean diagonal of each curvature")

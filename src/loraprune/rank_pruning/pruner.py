@@ -221,8 +221,8 @@ class RankPruner:
         before = None if self.held_out is None else self.held_out()
         factor = None
         if self.config.curvature_scale == "measured" and before is not None and removals:
-            factor = self._measured_curvature_factor(removals, before)
-            removals = self._plan_removals(target, self._plans(factor))
+            factor, gradient_factor = self._measured_scales(removals, before)
+            removals = self._plan_removals(target, self._plans(factor, gradient_factor))
         predicted = None if self.config.criterion != "obs" else sum(float(r.loss_change) for r in removals.values())
         checks = [] if before is None or predicted is None else self._check_modules(step, removals, before)
         removed: dict[str, list[int]] = {}
@@ -278,16 +278,20 @@ class RankPruner:
         return {index: plans[index].remove(count) for index, count in enumerate(counts) if count > 0}
 
     @torch.no_grad()
-    def _measured_curvature_factor(self, removals: dict[int, ModuleRemoval], before: float) -> float:
-        """How much more curved the held-out loss is along the planned removal than the Fisher model says.
+    def _measured_scales(self, removals: dict[int, ModuleRemoval], before: float) -> tuple[float, float]:
+        """`(curvature factor, gradient factor)`: how the held-out loss along the planned removal compares
+        with the quadratic model's two terms.
 
         The removal `Δ` of the compensating factors is applied forwards and backwards (`θ ± Δ`, the
-        other factor as it is); `(L(θ+Δ) + L(θ−Δ) − 2·L(θ)) / 2` is the curvature term along `Δ`,
-        compared with the model's `Σ ½·Δ·H·Δᵀ`. Falls back to 1 (with a warning) when either is not
-        positive: then the measurement says nothing about the scale.
+        other factor as it is): `(L(θ+Δ) + L(θ−Δ) − 2·L(θ)) / 2` is the curvature term along `Δ`,
+        compared with the model's `Σ ½·Δ·H·Δᵀ`, and `(L(θ+Δ) − L(θ−Δ)) / 2` the first-order term,
+        compared with `Σ g·Δ` (the window's mean training gradient). A factor whose measurement or
+        model is not positive says nothing about the scale: the curvature factor falls back to 1 (with
+        a warning); the gradient factor is floored at 0 (a gradient term of the wrong sign is dropped).
         """
         saved = {
-            i: (self.modules[i].lora_a.detach().clone(), self.modules[i].lora_b.detach().clone()) for i in removals
+            index: (self.modules[index].lora_a.detach().clone(), self.modules[index].lora_b.detach().clone())
+            for index in removals
         }
         for index, removal in removals.items():
             self._write(index, removal)
@@ -302,22 +306,27 @@ class RankPruner:
         for index, (old_a, old_b) in saved.items():
             self.modules[index].lora_a.copy_(old_a)
             self.modules[index].lora_b.copy_(old_b)
-        measured = (plus + minus - 2 * before) / 2
-        modelled = sum(float(r.loss_change - r.linear_change) for r in removals.values())
-        if not (measured > 0 and modelled > 0 and math.isfinite(measured / modelled)):
+        curvature, first_order = (plus + minus - 2 * before) / 2, (plus - minus) / 2
+        linear = sum(float(r.linear_change) for r in removals.values())
+        quadratic = sum(float(r.loss_change) for r in removals.values()) - linear
+        gradient_factor = 1.0 if linear == 0 else max(first_order / linear, 0.0)
+        if not (curvature > 0 and quadratic > 0 and math.isfinite(curvature / quadratic)):
             logger.warning(
                 "the held-out loss is not convex along this event's removal (measured curvature term %.3g, "
                 "modelled %.3g): the Fisher curvature is used as it is",
-                measured,
-                modelled,
+                curvature,
+                quadratic,
             )
-            return 1.0
-        return measured / modelled
+            return 1.0, gradient_factor
+        return curvature / quadratic, gradient_factor
 
-    def _plans(self, curvature_factor: float = 1.0) -> list[CompensatedPlan | ZeroingPlan | None]:
+    def _plans(
+        self, curvature_factor: float = 1.0, gradient_factor: float = 1.0
+    ) -> list[CompensatedPlan | ZeroingPlan | None]:
         """Every module's scores and removal under `config.criterion`, over its active components (None at rank 0).
 
-        `curvature_factor` multiplies the obs curvature (`curvature_scale="measured"`).
+        `curvature_factor` and `gradient_factor` multiply the obs curvature and gradient term
+        (`curvature_scale="measured"`).
 
         Gradients and curvatures are the means over the statistics window. The `(n, k)` products
         run in float32, which is ample for ranking components and compensating them.
@@ -356,8 +365,8 @@ class RankPruner:
             grads = None
             if self.stats.keep_gradients and self.stats.count:
                 grads = (
-                    self.stats.grad_b[index].index_select(1, active) / count,
-                    self.stats.grad_a[index].index_select(0, active).T / count,
+                    self.stats.grad_b[index].index_select(1, active) * (gradient_factor / count),
+                    self.stats.grad_a[index].index_select(0, active).T * (gradient_factor / count),
                 )
             if criterion == "obs":
                 grad_b, grad_a = grads if grads is not None else (None, None)
