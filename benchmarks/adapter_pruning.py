@@ -74,6 +74,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--runs", nargs="*", default=None, help="run only these run names (default: all)")
     parser.add_argument(
+        "--measured-curvature",
+        action="store_true",
+        help="PrunedLoRA with curvature_scale=measured; its calibration batch is the last 4 training examples, "
+        "left in the training set so that every method sees the same batches; its runs get the suffix -measured",
+    )
+    parser.add_argument(
         "--no-gradient",
         action="store_true",
         help="PrunedLoRA without the gradient term of its score (use_gradient=False); its runs get the suffix -nograd",
@@ -127,8 +133,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _variant(compensate: str, no_gradient: bool = False) -> str:
-    return ("" if compensate == "auto" else f"-{compensate}") + ("-nograd" if no_gradient else "")
+def _variant(compensate: str, no_gradient: bool = False, measured: bool = False) -> str:
+    suffix = "" if compensate == "auto" else f"-{compensate}"
+    return suffix + ("-nograd" if no_gradient else "") + ("-measured" if measured else "")
 
 
 def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -139,7 +146,7 @@ def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
         if "per_module" in args.schedules:
             runs += [
                 {
-                    "name": f"prunedlora-{r0}to{args.rank}{_variant(c, args.no_gradient)}",
+                    "name": f"prunedlora-{r0}to{args.rank}{_variant(c, args.no_gradient, args.measured_curvature)}",
                     "method": "prunedlora",
                     "r0": r0,
                     "schedule": "per_module",
@@ -151,7 +158,7 @@ def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     if "global" in args.schedules:
         runs += [
             {
-                "name": f"prunedlora-{r0}to{args.rank}-global{_variant(c, args.no_gradient)}",
+                "name": f"prunedlora-{r0}to{args.rank}-global{_variant(c, args.no_gradient, args.measured_curvature)}",
                 "method": "prunedlora",
                 "r0": r0,
                 "schedule": "global",
@@ -231,6 +238,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, test: dict[str, Any], args:
 def run_one(spec: dict[str, Any], args: argparse.Namespace, train_set: list, test: dict) -> dict[str, Any]:
     model, tokenizer = load_model(args.model)
     collator = SFTCollator(tokenizer.pad_token_id)
+    measured = spec["method"] == "prunedlora" and args.measured_curvature
     pruning = RankPruningConfig(
         r0=spec["r0"],
         rank=args.rank,
@@ -239,6 +247,7 @@ def run_one(spec: dict[str, Any], args: argparse.Namespace, train_set: list, tes
         per_event=args.per_event,
         compensate=spec.get("compensate", "auto"),
         use_gradient=not (spec["method"] == "prunedlora" and args.no_gradient),
+        **({"curvature_scale": "measured"} if measured else {}),
     )
     training = TrainingConfig(
         steps=args.steps,
@@ -249,7 +258,8 @@ def run_one(spec: dict[str, Any], args: argparse.Namespace, train_set: list, tes
         seed=args.seed,
         logging_steps=max(1, args.steps // 10),
     )
-    run = train_adapter(model, train_set, collator, spec["method"], pruning, training)
+    held_out = train_set[-4:] if measured else None
+    run = train_adapter(model, train_set, collator, spec["method"], pruning, training, held_out=held_out)
     with tempfile.TemporaryDirectory() as scratch:
         exported = save_adapter(run, Path(scratch) / "adapter", model.name_or_path)
     result = {
@@ -482,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     json_path = prefix.with_suffix(".json")
     # per-run choices (recorded in each run's pruning_config) are not settings of the whole table
-    per_run = ("runs", "fresh", "output_prefix", "step_time", "no_gradient")
+    per_run = ("runs", "fresh", "output_prefix", "step_time", "no_gradient", "measured_curvature")
     settings = {k: v for k, v in vars(args).items() if k not in per_run}
     if args.lr_scheduler_type != "warmup_stable_decay":
         settings.pop("decay_fraction")
