@@ -203,6 +203,12 @@ def test_example_specs_are_valid(path):
         "prunedlora_gap_schedule_cpu.yaml": 2,
         "prunedlora_gap_side_cpu.yaml": 2,
         "prunedlora_gap_lr_cpu.yaml": 1,
+        "prunedlora_gap_lr_baselines_cpu.yaml": 2,
+        "prunedlora_gap_lr_seed1_cpu.yaml": 2,
+        "prunedlora_gap_late_cpu.yaml": 2,
+        "prunedlora_gap_basis_cpu.yaml": 2,
+        "prunedlora_gap_combined_cpu.yaml": 2,
+        "prunedlora_calibration_cpu.yaml": 2,
     }
     assert len(spec.points) == expected[path.name]
     # full studies write under sweeps/; the CPU-sized ones are committed with the benchmark results
