@@ -393,18 +393,16 @@ class RankPruner:
             index_copy_(module.lora_b, 1, active, change.weight_b.to(module.lora_b.dtype))
             index_copy_(module.lora_a, 0, active, change.weight_a.to(module.lora_a.dtype))
             self.stats.rotate(index, active, change)
-            state = optimizer.state.get(module.lora_b, {}) if optimizer is not None else {}
-            for key, value in state.items():
-                if isinstance(value, Tensor) and value.shape == module.lora_b.shape:
-                    moment = full_tensor(value).index_select(1, active)
-                    rotated = change.second_moment_b(moment) if key == "exp_avg_sq" else change.gradient_b(moment)
-                    index_copy_(value, 1, active, rotated)
-            state = optimizer.state.get(module.lora_a, {}) if optimizer is not None else {}
-            for key, value in state.items():
-                if isinstance(value, Tensor) and value.shape == module.lora_a.shape:
-                    moment = full_tensor(value).index_select(0, active)
-                    rotated = change.second_moment_a(moment) if key == "exp_avg_sq" else change.gradient_a(moment)
-                    index_copy_(value, 0, active, rotated)
+            sides = (
+                (module.lora_b, 1, change.gradient_b, change.second_moment_b),
+                (module.lora_a, 0, change.gradient_a, change.second_moment_a),
+            )
+            for param, dim, first, second in sides:
+                state = optimizer.state.get(param, {}) if optimizer is not None else {}
+                for key, value in state.items():
+                    if isinstance(value, Tensor) and value.shape == param.shape:
+                        moment = full_tensor(value).index_select(dim, active)
+                        index_copy_(value, dim, active, second(moment) if key == "exp_avg_sq" else first(moment))
 
     def _inverses(self, grams: Tensor, divisors: Tensor | None = None) -> list[Tensor | None]:
         """`(H + λI)⁻¹` over the active components of every module (None at rank 0), `H = grams / divisors`
