@@ -118,6 +118,7 @@ def test_measured_curvature_corrects_a_misscaled_fisher(compensate):
     removal on the held-out batch restores the scale, and with it the prediction."""
     event = pruning_event("measured", compensate, examples=4, told_examples=1)
     assert event.curvature_factor == pytest.approx(4.0, rel=0.15)
+    assert event.gradient_factor == 1.0  # use_gradient=False: no gradient term to rescale
     assert event.predicted_loss_change == pytest.approx(event.measured_loss_change, rel=0.10)
 
 
@@ -206,3 +207,19 @@ def test_split_held_out_keeps_the_last_examples_and_spares_small_data():
     assert split_held_out(examples, 2) == (examples[:4], examples[4:])
     assert split_held_out(examples, 0) == (examples, [])
     assert split_held_out(examples, 6) == (examples, [])  # nothing left to train on otherwise
+
+
+def test_run_report_states_the_measured_factors_and_the_statistics_size():
+    from loraprune.run_report.contents import _statistics_paragraph
+
+    record = {
+        "pruning_events": [
+            {"curvature_factor": 1297.0, "gradient_factor": 0.25},
+            {"curvature_factor": None, "gradient_factor": None},
+        ],
+        "curvature_statistics_bytes": 3 * 2**20,
+    }
+    (paragraph,) = _statistics_paragraph(record)
+    assert "1.3e+03" in paragraph.text or "1297" in paragraph.text
+    assert "0.25" in paragraph.text and "3.0 MiB" in paragraph.text
+    assert _statistics_paragraph({"pruning_events": [], "curvature_statistics_bytes": None}) == []

@@ -203,6 +203,7 @@ def train_adapter(
                 "module_checks": [dataclasses.asdict(check) for check in e.module_checks],
                 "seconds": e.seconds,
                 "curvature_factor": e.curvature_factor,
+                "gradient_factor": e.gradient_factor,
             }
             for e in pruner.history
         ]

@@ -82,6 +82,7 @@ class PruningEvent:
     measured_loss_change: float | None = None  # on the held-out batch (None without one)
     module_checks: list[ModuleCheck] = field(default_factory=list)  # sampled modules' removals measured alone
     curvature_factor: float | None = None  # curvature_scale="measured": the measured / the Fisher curvature
+    gradient_factor: float | None = None  # curvature_scale="measured": the measured / the modelled first-order term
 
 
 def global_removal_counts(scores: Sequence[Tensor], need: int, min_rank: int, normalization: str) -> list[int]:
@@ -219,7 +220,7 @@ class RankPruner:
             self._rotate_to_singular_basis(optimizer)
         removals = self._plan_removals(target, self._plans())
         before = None if self.held_out is None else self.held_out()
-        factor = None
+        factor = gradient_factor = None
         if self.config.curvature_scale == "measured" and before is not None and removals:
             factor, gradient_factor = self._measured_scales(removals, before)
             removals = self._plan_removals(target, self._plans(factor, gradient_factor))
@@ -243,6 +244,7 @@ class RankPruner:
             None if before is None else self.held_out() - before,
             checks,
             factor,
+            gradient_factor,
         )
         self.history.append(event)
         self.stats.reset()

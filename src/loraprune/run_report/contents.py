@@ -310,6 +310,11 @@ def _statistics_paragraph(record: Mapping[str, Any]) -> list[Block]:
             + ", ".join(_number(f, 3) for f in factors)
             + "."
         )
+    gradient = [e["gradient_factor"] for e in record["pruning_events"] if e.get("gradient_factor") is not None]
+    if gradient:
+        parts.append(
+            "Measured first-order change over the gradient term's: " + ", ".join(_number(f, 3) for f in gradient) + "."
+        )
     if record.get("curvature_statistics_bytes"):
         parts.append(
             "The gradient statistics (Gram matrices and gradient sums) held "
