@@ -76,7 +76,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--measured-curvature",
         action="store_true",
-        help="PrunedLoRA with curvature_scale=measured; its calibration batch is the last 4 training examples, "
+        help="PrunedLoRA with curvature_scale=measured; its calibration batch is the last calibration_examples "
+        "(default 4) training examples, "
         "left in the training set so that every method sees the same batches; its runs get the suffix -measured",
     )
     parser.add_argument(
@@ -258,7 +259,7 @@ def run_one(spec: dict[str, Any], args: argparse.Namespace, train_set: list, tes
         seed=args.seed,
         logging_steps=max(1, args.steps // 10),
     )
-    held_out = train_set[-4:] if measured else None
+    held_out = train_set[-pruning.calibration_examples :] if measured else None
     run = train_adapter(model, train_set, collator, spec["method"], pruning, training, held_out=held_out)
     with tempfile.TemporaryDirectory() as scratch:
         exported = save_adapter(run, Path(scratch) / "adapter", model.name_or_path)

@@ -42,7 +42,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -279,6 +279,19 @@ class RankPruner:
             counts = global_removal_counts(scores, max(need, 0), self.config.min_rank, self.config.normalization)
         return {index: plans[index].remove(count) for index, count in enumerate(counts) if count > 0}
 
+    @contextmanager
+    def _weights_restored(self, indices: Iterable[int]) -> Iterator[dict[int, tuple[Tensor, Tensor]]]:
+        """Copies of the LoRA weights `(A, B)` of modules `indices`, written back on leaving: for the
+        held-out probes that try a removal and take it back."""
+        saved = {i: (self.modules[i].lora_a.detach().clone(), self.modules[i].lora_b.detach().clone()) for i in indices}
+        try:
+            yield saved
+        finally:
+            with torch.no_grad():
+                for index, (lora_a, lora_b) in saved.items():
+                    self.modules[index].lora_a.copy_(lora_a)
+                    self.modules[index].lora_b.copy_(lora_b)
+
     @torch.no_grad()
     def _measured_scales(self, removals: dict[int, ModuleRemoval], before: float) -> tuple[float, float]:
         """`(curvature factor, gradient factor)`: how the held-out loss along the planned removal compares
@@ -291,23 +304,17 @@ class RankPruner:
         model is not positive says nothing about the scale: the curvature factor falls back to 1 (with
         a warning); the gradient factor is floored at 0 (a gradient term of the wrong sign is dropped).
         """
-        saved = {
-            index: (self.modules[index].lora_a.detach().clone(), self.modules[index].lora_b.detach().clone())
-            for index in removals
-        }
-        for index, removal in removals.items():
-            self._write(index, removal)
-        plus = self.held_out()
-        for index, removal in removals.items():
-            module, (old_a, old_b) = self.modules[index], saved[index]
-            new_a, new_b = module.lora_a.detach().clone(), module.lora_b.detach().clone()
-            sides = "ab" if removal.compensated == "both" else removal.compensated
-            module.lora_a.copy_(2 * old_a - new_a if "a" in sides else old_a)
-            module.lora_b.copy_(2 * old_b - new_b if "b" in sides else old_b)
-        minus = self.held_out()
-        for index, (old_a, old_b) in saved.items():
-            self.modules[index].lora_a.copy_(old_a)
-            self.modules[index].lora_b.copy_(old_b)
+        with self._weights_restored(removals) as saved:
+            for index, removal in removals.items():
+                self._write(index, removal)
+            plus = self.held_out()
+            for index, removal in removals.items():
+                module, (old_a, old_b) = self.modules[index], saved[index]
+                new_a, new_b = module.lora_a.detach().clone(), module.lora_b.detach().clone()
+                sides = "ab" if removal.compensated == "both" else removal.compensated
+                module.lora_a.copy_(2 * old_a - new_a if "a" in sides else old_a)
+                module.lora_b.copy_(2 * old_b - new_b if "b" in sides else old_b)
+            minus = self.held_out()
         curvature, first_order = (plus + minus - 2 * before) / 2, (plus - minus) / 2
         linear = sum(float(r.linear_change) for r in removals.values())
         quadratic = sum(float(r.loss_change) for r in removals.values()) - linear
@@ -471,11 +478,9 @@ class RankPruner:
         checks = []
         for index in sorted(candidates[i] for i in order.tolist()):
             module, removal = self.modules[index], removals[index]
-            saved = module.lora_a.detach().clone(), module.lora_b.detach().clone()
-            self._write(index, removal)
-            measured = self.held_out() - before
-            module.lora_a.copy_(saved[0])
-            module.lora_b.copy_(saved[1])
+            with self._weights_restored([index]):
+                self._write(index, removal)
+                measured = self.held_out() - before
             checks.append(ModuleCheck(module.name, float(removal.loss_change), float(removal.linear_change), measured))
         return checks
 

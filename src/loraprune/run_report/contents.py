@@ -303,18 +303,13 @@ def _calibration_section(record: Mapping[str, Any], figures: dict[str, Any]) -> 
 def _statistics_paragraph(record: Mapping[str, Any]) -> list[Block]:
     """The curvature factors measured at the events (`curvature_scale="measured"`) and the statistics' memory."""
     parts = []
-    factors = [e["curvature_factor"] for e in record["pruning_events"] if e.get("curvature_factor") is not None]
-    if factors:
-        parts.append(
-            "Measured curvature over the Fisher's along each event's removal: "
-            + ", ".join(_number(f, 3) for f in factors)
-            + "."
-        )
-    gradient = [e["gradient_factor"] for e in record["pruning_events"] if e.get("gradient_factor") is not None]
-    if gradient:
-        parts.append(
-            "Measured first-order change over the gradient term's: " + ", ".join(_number(f, 3) for f in gradient) + "."
-        )
+    for key, label in (
+        ("curvature_factor", "Measured curvature over the Fisher's along each event's removal"),
+        ("gradient_factor", "Measured first-order change over the gradient term's"),
+    ):
+        values = [e[key] for e in record["pruning_events"] if e.get(key) is not None]
+        if values:
+            parts.append(f"{label}: " + ", ".join(_number(value, 3) for value in values) + ".")
     if record.get("curvature_statistics_bytes"):
         parts.append(
             "The gradient statistics (Gram matrices and gradient sums) held "
