@@ -2,8 +2,8 @@ import itertools
 
 import pytest
 
+from loraprune.cubic_schedule import CubicSchedule
 from loraprune.errors import ConfigError
-from loraprune.schedule import CubicSchedule
 
 
 @pytest.mark.parametrize("total_steps,warm,cool,units", [(100, 10, 10, 37), (7, 0, 0, 5), (50, 5, 20, 1000)])

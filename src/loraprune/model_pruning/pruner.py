@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from loraprune.config import ALLOCATIONS, ATTENTION_UNITS, check
+from loraprune.cubic_schedule import CubicSchedule
 from loraprune.distributed import broadcast_from_main, index_fill_, is_distributed, is_sharded, unwrap_parallel
 from loraprune.errors import LoraPruneError
 from loraprune.importance.activation_gradient import ActivationGradientScores
@@ -52,7 +53,6 @@ from loraprune.importance.lora_guided import LoraGuidedCriterion, lora_layer
 from loraprune.masking import MaskHooks
 from loraprune.model_pruning.config import LoRAPruneConfig
 from loraprune.safety.evidence import enough_scoring_steps
-from loraprune.schedule import CubicSchedule
 from loraprune.selection import KINDS, Budget, WidthRules, granularity, parse_layers, plan_budget, select
 from loraprune.shrink import shrink_model
 from loraprune.structure import GroupFamily, LayerSizes, Masks, full_masks, get_adapter, unwrap_model

@@ -15,7 +15,7 @@ from peft import AdaLoraConfig, PeftModel, get_peft_model
 from peft.tuners.adalora import AdaLoraLayer
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from loraprune.schedule import CubicSchedule
+from loraprune.cubic_schedule import CubicSchedule
 
 
 def add_adalora(

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from loraprune.config import check
-from loraprune.schedule import CubicSchedule
+from loraprune.cubic_schedule import CubicSchedule
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.ticker import MaxNLocator
 
+from loraprune.cubic_schedule import CubicSchedule
 from loraprune.lora import DEFAULT_TARGET_MODULES
-from loraprune.schedule import CubicSchedule
 
 #: (key in the report's per-layer table, axis title) of the kept-structure plot
 WIDTH_PANELS = (("heads", "query heads"), ("kv_heads", "KV groups"), ("channels", "MLP channels"))

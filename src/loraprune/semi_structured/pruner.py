@@ -46,11 +46,11 @@ import torch
 from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 
+from loraprune.cubic_schedule import CubicSchedule
 from loraprune.errors import LoraPruneError
 from loraprune.importance.lora_guided import element_importance
 from loraprune.model_pruning.config import LoRAPruneConfig
 from loraprune.safety.evidence import enough_scoring_steps
-from loraprune.schedule import CubicSchedule
 from loraprune.semi_structured.masked_lora import MaskedMergedForward, merge_masked
 from loraprune.semi_structured.pattern import NMPattern, nm_mask
 from loraprune.semi_structured.targets import base_linear, nm_modules
