@@ -30,7 +30,7 @@ from loraprune.devices import resolve_device
 from loraprune.io import write_json
 from loraprune.model_pruning import LoRAPruneConfig
 from loraprune.models import DEFAULT_MODEL
-from loraprune.report import environment
+from loraprune.run_report.summary import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 

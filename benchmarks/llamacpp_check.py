@@ -43,7 +43,7 @@ from loraprune.export.llamacpp import find_tool, llama_bench, llama_perplexity
 from loraprune.importance import get_criterion
 from loraprune.io import save_pruned_model, write_json
 from loraprune.models import DEFAULT_MODEL, load_model
-from loraprune.report import environment, layer_table, size_summary
+from loraprune.run_report.summary import environment, layer_table, size_summary
 from loraprune.selection import WidthRules, plan_budget, select
 from loraprune.shrink import shrink_model
 from loraprune.structure import full_masks, get_adapter

@@ -38,7 +38,7 @@ from loraprune.evaluation.perplexity import evaluate_perplexity
 from loraprune.io import write_json
 from loraprune.model_pruning import LoRAPruneConfig
 from loraprune.model_pruning.presets import PRESETS
-from loraprune.report import environment
+from loraprune.run_report.summary import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LORAPRUNE_DATA_DIR") or ROOT.parent / "shared" / "data")

@@ -60,7 +60,7 @@ from loraprune.lora import add_lora
 from loraprune.model_pruning import LoRAPruneConfig, ModelPruner, PruningTarget
 from loraprune.rank_pruning.config import RankPruningConfig
 from loraprune.rank_pruning.pruner import RankPruner
-from loraprune.report import count_parameters, environment
+from loraprune.run_report.summary import count_parameters, environment
 from loraprune.structure import get_adapter, unwrap_model
 from loraprune.training import enable_gradient_checkpointing
 

@@ -65,7 +65,7 @@ from loraprune.model_pruning import LoRAPruneConfig, ModelPruner, PruningTarget
 from loraprune.model_pruning.presets import PRESETS, apply_preset
 from loraprune.model_pruning.run import METHODS, LoraSettings, train_lora, training_windows
 from loraprune.models import load_model
-from loraprune.report import count_parameters, directory_size, environment
+from loraprune.run_report.summary import count_parameters, directory_size, environment
 from loraprune.structure import get_adapter
 from loraprune_study import confirmation_text
 

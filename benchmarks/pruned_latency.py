@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from loraprune.evaluation.latency import measure_latency, model_with_widths
 from loraprune.io import write_json
 from loraprune.models import parse_dtype
-from loraprune.report import environment
+from loraprune.run_report.summary import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -50,7 +50,7 @@ from loraprune.io import write_json
 from loraprune.model_pruning import LoRAPruneConfig
 from loraprune.model_pruning.run import LoraSettings, train_lora, training_windows
 from loraprune.models import load_model
-from loraprune.report import environment
+from loraprune.run_report.summary import environment
 from loraprune.semi_structured import (
     NMPattern,
     loraprune_nm,

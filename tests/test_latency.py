@@ -18,7 +18,7 @@ from loraprune.errors import ConfigError
 from loraprune.evaluation import EvalConfig, LatencyResult, ModelCost, forward_flops, measure_latency
 from loraprune.evaluation.latency import model_with_widths
 from loraprune.models import load_model
-from loraprune.report import count_parameters, layer_table
+from loraprune.run_report.summary import count_parameters, layer_table
 
 HIDDEN, HEAD_DIM, VOCAB = 64, 16, 128  # the tiny Llama of conftest: 4 query heads, 2 KV heads, 96 channels, 2 layers
 

@@ -29,7 +29,7 @@ from loraprune.model_pruning.run import LoraSettings, loraprune
 from loraprune.rank_pruning.api import AdapterRunConfig
 from loraprune.rank_pruning.config import RankPruningConfig
 from loraprune.rank_pruning.pruner import RankPruner
-from loraprune.report import count_parameters
+from loraprune.run_report.summary import count_parameters
 from loraprune.shrink import shrink_model
 from loraprune.structure import get_adapter, unwrap_model
 from loraprune.training import TrainingConfig, enable_gradient_checkpointing, train

@@ -30,8 +30,8 @@ from loraprune.model_pruning.run import (
     training_windows,
 )
 from loraprune.models import load_model
-from loraprune.report import directory_size, layer_table, pruning_report, size_summary
 from loraprune.run_report import REPORT_FILE, write_run_report
+from loraprune.run_report.summary import directory_size, layer_table, pruning_report, size_summary
 from loraprune.safety.divergence import nonfinite_loss_step
 from loraprune.safety.run_files import RunFiles, run_files
 from loraprune.selection import parse_layers, plan_budget, select

@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from loraprune.devices import resolve_device
     from loraprune.models import load_model
-    from loraprune.report import count_parameters, decoder_parameters
+    from loraprune.run_report.summary import count_parameters, decoder_parameters
     from loraprune.structure import get_adapter
     from loraprune.structure.groups import total_params
 

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from loraprune.api import prune_model
     from loraprune.distributed import is_main_process
     from loraprune.model_pruning.run import METHODS
-    from loraprune.report import format_perplexity
+    from loraprune.run_report.summary import format_perplexity
     from loraprune.safety.output import claim_run_output
 
     config = dataclass_from_args(PruneModelConfig, args)

@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loraprune.report import format_perplexity
+    from loraprune.run_report.summary import format_perplexity
     from loraprune.safety.output import claim_run_output
     from loraprune.semi_structured import prune_nm
     from loraprune.semi_structured.config import PruneNMConfig

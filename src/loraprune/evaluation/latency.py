@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from loraprune.errors import LoraPruneError
-from loraprune.report import count_parameters
+from loraprune.run_report.summary import count_parameters
 from loraprune.structure import get_adapter, unwrap_model
 from loraprune.structure.base import LayerSizes
 
@@ -150,8 +150,8 @@ class LatencyResult:
 def model_with_widths(model: nn.Module, layers: Sequence[Mapping[str, int]], seed: int = 0) -> nn.Module:
     """A randomly initialised model of `model`'s architecture and dtype with the per-layer widths `layers`.
 
-    `layers` are rows as in `loraprune.report.layer_table` (`heads`, `kv_heads`, `channels`), e.g.
-    a pruning report's. Forward cost depends on the widths only, so this measures a pruned shape's
+    `layers` are rows as in `loraprune.run_report.summary.layer_table` (`heads`, `kv_heads`,
+    `channels`), e.g. a pruning report's. Forward cost depends on the widths only, so this measures a pruned shape's
     latency where its weights are not at hand (a resumed benchmark, another machine).
     """
     from transformers import AutoModelForCausalLM

@@ -41,9 +41,9 @@ from loraprune.rank_pruning.config import RankPruningConfig
 from loraprune.rank_pruning.export import ADAPTER_WEIGHTS, RANKS_FILE, ExportedAdapter, export_pruned_adapter
 from loraprune.rank_pruning.pruner import RankPruner
 from loraprune.rank_pruning.state import find_lora_modules
-from loraprune.report import count_parameters, environment
 from loraprune.run_report import REPORT_FILE, write_run_report
 from loraprune.run_report.record import loss_history
+from loraprune.run_report.summary import count_parameters, environment
 from loraprune.safety.divergence import nonfinite_loss_step
 from loraprune.safety.finite import require_finite
 from loraprune.safety.options import RESUME_HELP, SAVE_STEPS_HELP

@@ -2,7 +2,8 @@
 
 `prune-model` and `prune-adapter` write their run record (`loraprune_report.json`) and call
 `write_run_report` inside their atomic output write; `loraprune report DIR` calls it again.
-Modules: `record` (the JSON record: file name, loading, the loss history it stores),
+Modules: `summary` (what the run record holds of the model: sizes, per-layer widths,
+environment), `record` (the JSON record: file name, loading, the loss history it stores),
 `plots` (matplotlib figures), `document` (Markdown and HTML rendering), `contents` (what each
 report says).
 """

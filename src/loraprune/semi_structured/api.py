@@ -16,7 +16,7 @@ from loraprune.io import check_output_dir, save_pruned_model, write_json
 from loraprune.model_pruning.config import LoRAPruneConfig
 from loraprune.model_pruning.run import LoraSettings, training_windows
 from loraprune.models import load_model
-from loraprune.report import directory_size, environment, size_summary
+from loraprune.run_report.summary import directory_size, environment, size_summary
 from loraprune.safety.divergence import nonfinite_loss_step
 from loraprune.safety.run_files import RunFiles, run_files
 from loraprune.semi_structured.config import PruneNMConfig

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from loraprune.errors import ConfigError, LoraPruneError
 from loraprune.io import write_json
-from loraprune.report import environment
+from loraprune.run_report.summary import environment
 from loraprune.safety.staging import owned_temp_dir, remove_dead_temp_dirs
 from loraprune.sweep.jobs import JobRunner
 from loraprune.sweep.plots import plot_sweep

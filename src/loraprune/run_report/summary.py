@@ -1,4 +1,9 @@
-"""What a pruning run reports: sizes before and after, per-layer widths, quality, settings."""
+"""What a pruning run records about its model: sizes before and after, per-layer widths, the environment.
+
+`pruning_report` assembles the record of a `prune-model` run from them; `prune-adapter`, `prune-nm`,
+`loraprune inspect`, the sweeps and the benchmarks use the pieces, and `format_perplexity` prints a
+record's perplexity. The rest of `loraprune.run_report` renders the records (Markdown, HTML, plots).
+"""
 
 from __future__ import annotations
 
