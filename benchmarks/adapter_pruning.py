@@ -47,9 +47,10 @@ from loraprune.evaluation.sft import answer_nll
 from loraprune.io import write_json
 from loraprune.lora import add_lora
 from loraprune.models import DEFAULT_MODEL, load_model
-from loraprune.rank_pruning.api import ADAPTER_LR_SCHEDULE, load_sft_dataset, save_adapter, train_adapter
 from loraprune.rank_pruning.config import RankPruningConfig
+from loraprune.rank_pruning.entry import ADAPTER_LR_SCHEDULE
 from loraprune.rank_pruning.pruner import RankPruner
+from loraprune.rank_pruning.run import load_sft_dataset, save_adapter, train_adapter
 from loraprune.run_report.plots import draw_rank_heatmap, new_figure, save_figure
 from loraprune.training import LR_SCHEDULES, TrainingConfig
 

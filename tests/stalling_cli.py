@@ -39,9 +39,9 @@ def install(where: str) -> None:
 
         training.Trainer = StallingTrainer
     elif where == "save":
-        import loraprune.api as api
+        import loraprune.model_pruning.entry as entry
 
-        api.write_run_report = lambda staging: stall()
+        entry.write_run_report = lambda staging: stall()
     else:
         raise SystemExit(f"unknown STALL_AT {where!r}")
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import loraprune.api as api
 import loraprune.cli.eval_cmd as eval_cmd
 import loraprune.devices as devices
-import loraprune.rank_pruning.api as rank_api
-import loraprune.semi_structured.api as nm_api
+import loraprune.model_pruning.entry as model_entry
+import loraprune.rank_pruning.entry as adapter_entry
+import loraprune.rank_pruning.run as adapter_run
+import loraprune.semi_structured.entry as nm_entry
 import loraprune.training as training
 from loraprune.cli import main
 from loraprune.config import PruneModelConfig
@@ -105,11 +106,11 @@ def _only_cpu(spy: PhaseSpy, phases: tuple[str, ...]) -> None:
 
 
 def test_prune_model_runs_every_phase_on_the_requested_device(spy, tiny_model_dir, text_file, tmp_path, one_thread):
-    spy.watch_loading(api)
+    spy.watch_loading(model_entry)
     spy.watch_trainer()
-    spy.label(api, "requested_perplexity", "perplexity")
-    spy.label(api, "recover", "training")
-    spy.label(api, "get_criterion")  # returns the criterion; label its scoring below
+    spy.label(model_entry, "requested_perplexity", "perplexity")
+    spy.label(model_entry, "recover", "training")
+    spy.label(model_entry, "get_criterion")  # returns the criterion; label its scoring below
     from loraprune.importance.taylor import TaylorCriterion
 
     spy.label(TaylorCriterion, "score", "scoring")
@@ -128,7 +129,7 @@ def test_prune_model_runs_every_phase_on_the_requested_device(spy, tiny_model_di
 
 def test_auto_means_the_default_device(spy, tiny_model_dir, text_file, tmp_path, monkeypatch, one_thread):
     monkeypatch.setattr(devices, "default_device", lambda: "cpu")
-    spy.watch_loading(api)
+    spy.watch_loading(model_entry)
     out = tmp_path / "pruned"
     argv = ["prune-model", "--model", str(tiny_model_dir), "--output", str(out), "--method", "magnitude"]
     assert main(argv) == 0  # --device auto is the default
@@ -136,11 +137,11 @@ def test_auto_means_the_default_device(spy, tiny_model_dir, text_file, tmp_path,
 
 
 def test_prune_nm_runs_every_phase_on_the_requested_device(spy, tiny_model_dir, text_file, tmp_path, one_thread):
-    spy.watch_loading(nm_api)
+    spy.watch_loading(nm_entry)
     spy.watch_trainer()
-    spy.label(nm_api, "requested_perplexity", "perplexity")
-    spy.label(nm_api, "prune_one_shot", "scoring")
-    spy.label(nm_api, "masked_recovery", "training")
+    spy.label(nm_entry, "requested_perplexity", "perplexity")
+    spy.label(nm_entry, "prune_one_shot", "scoring")
+    spy.label(nm_entry, "masked_recovery", "training")
     out = tmp_path / "nm"
     argv = ["prune-nm", "--model", str(tiny_model_dir), "--output", str(out), "--method", "wanda", "--steps", "2"]
     argv += ["--seq-len", "16", "--batch-size", "2", "--data", str(text_file), "--calibration-samples", "2"]
@@ -151,9 +152,9 @@ def test_prune_nm_runs_every_phase_on_the_requested_device(spy, tiny_model_dir, 
 
 
 def test_prune_adapter_trains_on_the_requested_device(spy, tiny_model_dir, data_dir, tmp_path, one_thread):
-    spy.watch_loading(rank_api)
+    spy.watch_loading(adapter_entry)  # the entry point loads the model
     spy.watch_trainer()
-    spy.label(rank_api, "train", "training")
+    spy.label(adapter_run, "train", "training")  # the harness trains
     out = tmp_path / "adapter"
     argv = ["prune-adapter", "--model", str(tiny_model_dir), "--data", str(data_dir / "gsm8k" / "train.jsonl")]
     argv += ["--train-limit", "4", "--max-answer-tokens", "16", "--r0", "4", "--rank", "2", "--steps", "2"]

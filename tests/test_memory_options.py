@@ -26,9 +26,9 @@ from loraprune.importance.lora_guided import LoraGuidedCriterion
 from loraprune.kbit import full_precision_copy, is_kbit_model, logical_numel, quantization_config, require_kbit_support
 from loraprune.model_pruning import LoRAPruneCallback, LoRAPruneConfig, ModelPruner, PruningTarget
 from loraprune.model_pruning.run import LoraSettings, loraprune
-from loraprune.rank_pruning.api import AdapterRunConfig
 from loraprune.rank_pruning.config import RankPruningConfig
 from loraprune.rank_pruning.pruner import RankPruner
+from loraprune.rank_pruning.run import AdapterRunConfig
 from loraprune.run_report.summary import count_parameters
 from loraprune.shrink import shrink_model
 from loraprune.structure import get_adapter, unwrap_model
@@ -457,7 +457,7 @@ def test_quantize_is_for_loraprune_only(tmp_path):
 
 
 def test_prune_model_api_passes_memory_options_to_the_training(tiny_model_dir, tmp_path, monkeypatch, one_thread):
-    import loraprune.api as api
+    import loraprune.model_pruning.entry as entry
 
     seen = {}
 
@@ -465,7 +465,7 @@ def test_prune_model_api_passes_memory_options_to_the_training(tiny_model_dir, t
         seen["settings"] = settings
         raise RuntimeError("stop after the settings are known")
 
-    monkeypatch.setattr(api, "loraprune", spy)
+    monkeypatch.setattr(entry, "loraprune", spy)
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     config = PruneModelConfig(
@@ -479,7 +479,7 @@ def test_prune_model_api_passes_memory_options_to_the_training(tiny_model_dir, t
         gradient_checkpointing=True,
     )
     with pytest.raises(RuntimeError, match="stop after"):
-        api.prune_model(config)
+        entry.prune_model(config)
     training_config = seen["settings"].training_config()
     assert training_config.bf16 and training_config.gradient_checkpointing and not training_config.fp16
 
@@ -575,20 +575,20 @@ def test_prune_model_on_4bit_weights_end_to_end(tiny_model_dir, tmp_path, monkey
 @needs_bnb
 def test_other_ddp_processes_leave_the_4bit_ending_to_the_main_one(tiny_model_dir, tmp_path, monkeypatch, one_thread):
     """`prune_model` on a rank other than 0: trains on 4-bit weights, loads nothing more, writes nothing."""
-    import loraprune.api as api
+    import loraprune.model_pruning.entry as entry
     import loraprune.model_pruning.run as run_module
 
     _bypass_gpu_check(monkeypatch)
     monkeypatch.setattr(run_module, "is_main_process", lambda: False)
-    monkeypatch.setattr(api, "is_main_process", lambda: False)
+    monkeypatch.setattr(entry, "is_main_process", lambda: False)
     loads = []
-    real_load = api.load_model
+    real_load = entry.load_model
 
     def counted_load(*args, **kwargs):
         loads.append(kwargs.get("quantize", "none"))
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(api, "load_model", counted_load)
+    monkeypatch.setattr(entry, "load_model", counted_load)
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     config = PruneModelConfig(
@@ -602,7 +602,7 @@ def test_other_ddp_processes_leave_the_4bit_ending_to_the_main_one(tiny_model_di
         batch_size=2,
         quantize="4bit",
     )
-    result = api.prune_model(config, LoRAPruneConfig(prune_every=2))
+    result = entry.prune_model(config, LoRAPruneConfig(prune_every=2))
     assert loads == ["4bit"]  # the k-bit model only; no full-precision re-load
     assert result.model is None and result.report == {} and not (tmp_path / "out").exists()
 

@@ -234,7 +234,7 @@ def test_paper_preset_sets_the_published_method_and_overrides_win():
 
 
 def test_cli_preset_is_overridden_by_the_config_file_and_the_flags(tiny_model_dir, text_file, tmp_path, monkeypatch):
-    from loraprune import api
+    import loraprune.model_pruning.entry as entry
 
     seen = {}
 
@@ -242,7 +242,7 @@ def test_cli_preset_is_overridden_by_the_config_file_and_the_flags(tiny_model_di
         seen["run"], seen["schedule"] = config, schedule
         raise SystemExit(0)
 
-    monkeypatch.setattr(api, "prune_model", spy)
+    monkeypatch.setattr(entry, "prune_model", spy)  # where the CLI looks it up
     (tmp_path / "run.yaml").write_text("warmup: 0.2\n")
     base = ["prune-model", "--model", str(tiny_model_dir), "--method", "loraprune", "--steps", "4"]
     base += ["--data", str(text_file), "--output", str(tmp_path / "out")]

@@ -18,7 +18,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from loraprune.rank_pruning.api import split_held_out
 from loraprune.rank_pruning.calibration import (
     HeldOutLoss,
     ModuleCheck,
@@ -28,6 +27,7 @@ from loraprune.rank_pruning.calibration import (
 )
 from loraprune.rank_pruning.config import RankPruningConfig
 from loraprune.rank_pruning.pruner import RankPruner
+from loraprune.rank_pruning.run import split_held_out
 from loraprune.rank_pruning.state import CurvatureStats, find_lora_modules
 
 IN, OUT, R0 = 24, 40, 6

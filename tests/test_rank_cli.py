@@ -7,8 +7,8 @@ import torch
 
 from loraprune.cli import main
 from loraprune.models import load_model
-from loraprune.rank_pruning.api import create_adapter
 from loraprune.rank_pruning.config import RankPruningConfig
+from loraprune.rank_pruning.run import create_adapter
 
 
 def run_cli(tiny_model_dir, data_dir, output, *extra):
@@ -100,7 +100,8 @@ def test_default_model_adapter_names_the_cached_base_and_loads_with_stock_peft(d
     import sys
 
     from loraprune.models import resolve_model_path
-    from loraprune.rank_pruning.api import AdapterRunConfig, prune_adapter
+    from loraprune.rank_pruning.entry import prune_adapter
+    from loraprune.rank_pruning.run import AdapterRunConfig
     from loraprune.training import TrainingConfig
     from test_rank_export import STOCK_LOADER
 

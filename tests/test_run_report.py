@@ -148,7 +148,7 @@ def test_a_failing_report_leaves_no_output(tiny_model_dir, text_file, tmp_path, 
     def broken(directory: Path) -> list[Path]:
         raise RuntimeError("report failed")
 
-    monkeypatch.setattr("loraprune.api.write_run_report", broken)
+    monkeypatch.setattr("loraprune.model_pruning.entry.write_run_report", broken)
     config = PruneModelConfig(output=str(tmp_path / "out"), model=str(tiny_model_dir), method="magnitude")
     with pytest.raises(RuntimeError, match="report failed"):
         prune_model(config)

@@ -11,8 +11,9 @@ from collections import defaultdict
 
 from loraprune.config import add_dataclass_arguments, dataclass_from_args
 from loraprune.distributed import is_main_process
-from loraprune.rank_pruning.api import ADAPTER_LR_SCHEDULE, AdapterRunConfig, prune_adapter
 from loraprune.rank_pruning.config import RankPruningConfig
+from loraprune.rank_pruning.entry import ADAPTER_LR_SCHEDULE, prune_adapter
+from loraprune.rank_pruning.run import AdapterRunConfig
 from loraprune.safety.output import claim_run_output
 from loraprune.training import TrainingConfig
 

@@ -77,8 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loraprune.api import prune_model
     from loraprune.distributed import is_main_process
+    from loraprune.model_pruning.entry import prune_model
     from loraprune.model_pruning.run import METHODS
     from loraprune.run_report.summary import format_perplexity
     from loraprune.safety.output import claim_run_output

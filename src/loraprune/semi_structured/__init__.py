@@ -13,9 +13,9 @@ saves the merged model with the stock config; the pieces are usable alone:
 * `to_semi_structured`: a 2:4 model on PyTorch's sparse tensor-core kernels (CUDA).
 """
 
-from loraprune.semi_structured.api import NMResult, prune_nm
 from loraprune.semi_structured.callback import FixedMaskCallback, NMPruneCallback
 from loraprune.semi_structured.config import NM_METHODS, PruneNMConfig
+from loraprune.semi_structured.entry import NMResult, prune_nm
 from loraprune.semi_structured.kernels import to_semi_structured
 from loraprune.semi_structured.masked_lora import MaskedMergedForward, merge_masked
 from loraprune.semi_structured.one_shot import ONE_SHOT_METHODS, prune_one_shot

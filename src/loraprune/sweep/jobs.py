@@ -21,8 +21,8 @@ from loraprune.config import PruneModelConfig, check
 from loraprune.errors import ConfigError
 from loraprune.evaluation.sft import SFTEvalConfig
 from loraprune.model_pruning.config import LoRAPruneConfig
-from loraprune.rank_pruning.api import AdapterRunConfig
 from loraprune.rank_pruning.config import RankPruningConfig
+from loraprune.rank_pruning.run import AdapterRunConfig
 from loraprune.training import TrainingConfig
 
 Metrics = dict[str, float | int | None]
@@ -84,7 +84,7 @@ def _perplexity(result: dict[str, Any] | None) -> float | None:
 
 def run_model_job(configs: dict[str, Any], output: Path) -> Metrics:
     """`loraprune.api.prune_model` with the point's configs; the pruned model goes to `output`."""
-    from loraprune.api import prune_model
+    from loraprune.model_pruning.entry import prune_model
 
     gc.collect()  # a model of the previous point caught in a reference cycle goes before this one loads
     config = dataclasses.replace(configs["run"], output=str(output), overwrite=True)
@@ -195,7 +195,7 @@ def run_adapter_job(configs: dict[str, Any], output: Path) -> Metrics:
     """
     from loraprune.evaluation.sft import evaluate_answer_nll
     from loraprune.models import load_model
-    from loraprune.rank_pruning.api import prune_adapter
+    from loraprune.rank_pruning.entry import prune_adapter
 
     gc.collect()  # a model of the previous point caught in a reference cycle goes before this one loads
     run_config = dataclasses.replace(configs["run"], output=str(output), overwrite=True)
@@ -224,8 +224,7 @@ def run_adapter_job(configs: dict[str, Any], output: Path) -> Metrics:
 
 ADAPTER_JOB = JobKind(
     name="adapter",
-    description="Fine-tune an adapter and prune its rank (loraprune.rank_pruning.api.prune_adapter), then its "
-    "answer-token NLL",
+    description="Fine-tune an adapter and prune its rank (loraprune.api.prune_adapter), then its answer-token NLL",
     sections={
         "run": AdapterRunConfig,
         "rank_pruning": RankPruningConfig,

@@ -1,4 +1,8 @@
-"""`prune_nm`: the Python entry point behind `loraprune prune-nm`."""
+"""`prune_nm`: the Python entry point behind `loraprune prune-nm`.
+
+The N:M runs it drives (LoRAPrune N:M, masked recovery) are `loraprune.semi_structured.run`;
+users import `prune_nm` from the stable facade `loraprune.api`.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from loraprune.api import PruneResult, requested_perplexity
 from loraprune.data import calibration_batches, load_text
 from loraprune.devices import resolve_device
 from loraprune.io import check_output_dir, save_pruned_model, write_json
 from loraprune.model_pruning.config import LoRAPruneConfig
 from loraprune.model_pruning.run import LoraSettings, training_windows
 from loraprune.models import load_model
+from loraprune.results import PruneResult, requested_perplexity
 from loraprune.run_report.summary import directory_size, environment, size_summary
 from loraprune.safety.divergence import nonfinite_loss_step
 from loraprune.safety.run_files import RunFiles, run_files

@@ -1,4 +1,4 @@
-"""Python entry points of adapter-rank pruning: PrunedLoRA and its baselines in one harness.
+"""The harness of adapter-rank pruning: PrunedLoRA and its baselines, trained, saved and reported alike.
 
 Every method goes through the same `train_adapter` (same data, steps, learning-rate schedule
 and seed via `loraprune.training.train`); only the adapter and its callbacks differ:
@@ -9,6 +9,9 @@ and seed via `loraprune.training.train`); only the adapter and its callbacks dif
 
 All use the scaling `alpha / r0` of PrunedLoRA's config (LoRA at rank `r` gets
 `alpha · r / r0`), so only the rank differs between them.
+
+`loraprune.rank_pruning.entry.prune_adapter` (behind `loraprune prune-adapter`) runs it end to
+end: model, data, training, the saved adapter and its report.
 """
 
 from __future__ import annotations
@@ -29,11 +32,10 @@ from transformers import PreTrainedModel, TrainerCallback
 
 from loraprune.config import QUANTIZE_CHOICES, check, option
 from loraprune.data import SFTCollator, load_sft_records, tokenize_sft
-from loraprune.devices import DEVICE_HELP, resolve_device
-from loraprune.distributed import is_main_process, wait_for_everyone
-from loraprune.io import atomic_directory, check_output_dir, write_json
+from loraprune.devices import DEVICE_HELP
+from loraprune.io import atomic_directory, write_json
 from loraprune.lora import add_lora
-from loraprune.models import DEFAULT_MODEL, load_model
+from loraprune.models import DEFAULT_MODEL
 from loraprune.rank_pruning.adalora import AdaLoraBudgetCallback, adalora_ranks, add_adalora
 from loraprune.rank_pruning.calibration import calibration_summary
 from loraprune.rank_pruning.callback import RankPruningCallback
@@ -41,23 +43,17 @@ from loraprune.rank_pruning.config import RankPruningConfig
 from loraprune.rank_pruning.export import ADAPTER_WEIGHTS, RANKS_FILE, ExportedAdapter, export_pruned_adapter
 from loraprune.rank_pruning.pruner import RankPruner
 from loraprune.rank_pruning.state import find_lora_modules
-from loraprune.run_report import REPORT_FILE, write_run_report
 from loraprune.run_report.record import loss_history
-from loraprune.run_report.summary import count_parameters, environment
+from loraprune.run_report.summary import environment
 from loraprune.safety.divergence import nonfinite_loss_step
 from loraprune.safety.finite import require_finite
 from loraprune.safety.options import RESUME_HELP, SAVE_STEPS_HELP
-from loraprune.safety.run_files import RunFiles, resume_folder, run_files
+from loraprune.safety.run_files import RunFiles, resume_folder
 from loraprune.training import TrainingConfig, train
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("prunedlora", "lora", "lora-r0", "adalora")
-#: the learning-rate schedule `loraprune prune-adapter` trains every method with unless told otherwise:
-#: a constant rate, since decaying it linearly to zero leaves the last pruning events and the steps after
-#: them almost no rate to recover with (the 128 -> 8 gap study, README "PrunedLoRA"); the Python
-#: `TrainingConfig` keeps the transformers default (linear)
-ADAPTER_LR_SCHEDULE = "constant"
 
 
 @dataclass
@@ -345,55 +341,3 @@ def split_held_out(examples: list[dict], count: int) -> tuple[list[dict], list[d
         )
         return examples, []
     return (examples[: len(examples) - count], examples[len(examples) - count :]) if count else (examples, [])
-
-
-def prune_adapter(
-    run_config: AdapterRunConfig, pruning: RankPruningConfig, training: TrainingConfig
-) -> tuple[AdapterRun, ExportedAdapter | None]:
-    """Load the model and data, fine-tune with `run_config.method`, save the adapter; the whole job.
-
-    Under `torchrun` / `accelerate launch` (DDP) every process trains and only the main one
-    writes; the others get None for the saved adapter.
-
-    The adapter directory also holds `loraprune_report.json` and its rendering (`report.md`,
-    `report.html`, plots), written atomically with the adapter. `run_config.save_steps` / `resume`
-    checkpoint and resume the training (`loraprune.safety.checkpoints`).
-    """
-    check(run_config.output is not None, "an output directory is needed (--output DIR)")
-    output = check_output_dir(run_config.output, run_config.overwrite)  # fail before the long training
-    settings = {
-        "run": dataclasses.asdict(run_config),
-        "pruning": dataclasses.asdict(pruning),
-        "training": dataclasses.asdict(training),
-    }
-    with run_files(output, run_config.save_steps, run_config.resume, settings, writer=is_main_process()) as files:
-        return _prune_adapter(run_config, pruning, training, files)
-
-
-def _prune_adapter(
-    run_config: AdapterRunConfig, pruning: RankPruningConfig, training: TrainingConfig, files: RunFiles
-) -> tuple[AdapterRun, ExportedAdapter | None]:
-    """The work of `prune_adapter`, with its scratch directory and checkpoints in `files`."""
-    device = resolve_device(run_config.device, trains=True)
-    model, tokenizer = load_model(run_config.model, dtype=run_config.dtype, device=device, quantize=run_config.quantize)
-    base_parameters = count_parameters(model)
-    dataset, collator = load_sft_dataset(
-        run_config.data, tokenizer, run_config.train_limit, run_config.max_answer_tokens
-    )
-    dataset, held_out = split_held_out(dataset, pruning.calibration_examples)
-    run = train_adapter(model, dataset, collator, run_config.method, pruning, training, files=files, held_out=held_out)
-    report = adapter_report(run, run_config, pruning, training, base_parameters)
-    report["device"] = device
-
-    def write_reports(staging: Path) -> None:
-        report["adapter_params_after"], report["file_size_bytes"] = saved_adapter_size(staging)
-        write_json(staging / REPORT_FILE, report)
-        write_run_report(staging)
-
-    exported = None
-    if is_main_process():  # under torchrun / accelerate launch every process gets here; one writes
-        exported = save_adapter(
-            run, run_config.output, model.name_or_path, overwrite=run_config.overwrite, finalize=write_reports
-        )
-    wait_for_everyone()
-    return run, exported
