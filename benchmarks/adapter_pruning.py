@@ -50,7 +50,7 @@ from loraprune.models import DEFAULT_MODEL, load_model
 from loraprune.rank_pruning.config import RankPruningConfig
 from loraprune.rank_pruning.entry import ADAPTER_LR_SCHEDULE
 from loraprune.rank_pruning.pruner import RankPruner
-from loraprune.rank_pruning.run import load_sft_dataset, save_adapter, train_adapter
+from loraprune.rank_pruning.run import load_sft_dataset, save_adapter, split_held_out, train_adapter
 from loraprune.run_report.plots import draw_rank_heatmap, new_figure, save_figure
 from loraprune.training import LR_SCHEDULES, TrainingConfig
 
@@ -77,9 +77,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--measured-curvature",
         action="store_true",
-        help="PrunedLoRA with curvature_scale=measured; its calibration batch is the last calibration_examples "
-        "(default 4) training examples, "
-        "left in the training set so that every method sees the same batches; its runs get the suffix -measured",
+        help="PrunedLoRA with curvature_scale=measured (its held-out batch: the --held-out examples); its runs get "
+        "the suffix -measured",
     )
     parser.add_argument(
         "--no-gradient",
@@ -101,6 +100,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prune-every", type=int, default=10, help="K1 (and AdaLoRA's deltaT)")
     parser.add_argument("--per-event", type=int, default=2, help="K2 of the per-module schedule")
+    defaults = RankPruningConfig()
+    parser.add_argument(
+        "--warmup", type=float, default=defaults.warmup, help="PrunedLoRA: fraction of the steps before the first event"
+    )
+    parser.add_argument(
+        "--cooldown",
+        type=float,
+        default=defaults.cooldown,
+        help="PrunedLoRA: fraction of the steps trained at the final rank after the last event",
+    )
+    parser.add_argument(
+        "--held-out",
+        type=int,
+        default=defaults.calibration_examples,
+        help="the last N training examples are held out for every method (as `loraprune prune-adapter` does); "
+        "PrunedLoRA measures its pruning events on them",
+    )
     parser.add_argument(
         "--compensate",
         nargs="+",
@@ -237,7 +253,9 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, test: dict[str, Any], args:
 # ---------------------------------------------------------------------------- runs
 
 
-def run_one(spec: dict[str, Any], args: argparse.Namespace, train_set: list, test: dict) -> dict[str, Any]:
+def run_one(
+    spec: dict[str, Any], args: argparse.Namespace, train_set: list, held_out: list, test: dict
+) -> dict[str, Any]:
     model, tokenizer = load_model(args.model)
     collator = SFTCollator(tokenizer.pad_token_id)
     measured = spec["method"] == "prunedlora" and args.measured_curvature
@@ -247,6 +265,9 @@ def run_one(spec: dict[str, Any], args: argparse.Namespace, train_set: list, tes
         schedule=spec["schedule"],
         prune_every=args.prune_every,
         per_event=args.per_event,
+        warmup=args.warmup,
+        cooldown=args.cooldown,
+        calibration_examples=args.held_out,
         compensate=spec.get("compensate", "auto"),
         use_gradient=not (spec["method"] == "prunedlora" and args.no_gradient),
         **({"curvature_scale": "measured"} if measured else {}),
@@ -260,7 +281,6 @@ def run_one(spec: dict[str, Any], args: argparse.Namespace, train_set: list, tes
         seed=args.seed,
         logging_steps=max(1, args.steps // 10),
     )
-    held_out = train_set[-pruning.calibration_examples :] if measured else None
     run = train_adapter(model, train_set, collator, spec["method"], pruning, training, held_out=held_out)
     with tempfile.TemporaryDirectory() as scratch:
         exported = save_adapter(run, Path(scratch) / "adapter", model.name_or_path)
@@ -292,7 +312,14 @@ def step_times(args: argparse.Namespace, train_set: list, r0: int) -> dict[str, 
     """
     base, tokenizer = load_model(args.model)
     collator = SFTCollator(tokenizer.pad_token_id)
-    config = RankPruningConfig(r0=r0, rank=args.rank, prune_every=args.prune_every, per_event=args.per_event)
+    config = RankPruningConfig(
+        r0=r0,
+        rank=args.rank,
+        prune_every=args.prune_every,
+        per_event=args.per_event,
+        warmup=args.warmup,
+        cooldown=args.cooldown,
+    )
     models, optimizers = {}, {}
     for name in ("lora-r0", "prunedlora"):
         torch.manual_seed(args.seed)
@@ -404,6 +431,16 @@ def _confirm(result: dict[str, Any]) -> str:
     return f"{result['confirm_nll']['nll']:.4f}" if "confirm_nll" in result else "-"
 
 
+def _held_out_text(settings: dict[str, Any]) -> str:
+    """The held-out examples of the table's runs, in words ('' for tables recorded before they existed)."""
+    if "held_out" not in settings:
+        return ""
+    return (
+        f"The last {settings['held_out']} training examples are held out for every method (PrunedLoRA measures "
+        "its pruning events on them). "
+    )
+
+
 def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     base = results["before_training"]
@@ -416,8 +453,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"({s.get('lr_scheduler_type', 'linear')} schedule), "
         f"seed {s['seed']}, fp32 on {results['environment']['device']}, all seven projections, scaling "
         f"alpha/r = 1 for every method, answers cut at {s['max_answer_tokens']} tokens, loss on answer tokens. "
-        f"PrunedLoRA: prune every {s['prune_every']} steps after a 10 % warm-up until the start of a 10 % "
-        f"cool-down (per_module: K2 = {s['per_event']} raised to reach the target in time; global: cubic budget), "
+        f"{_held_out_text(s)}"
+        f"PrunedLoRA: prune every {s['prune_every']} steps after a {s.get('warmup', 0.1):.0%} warm-up until the "
+        f"start of a {s.get('cooldown', 0.1):.0%} cool-down (per_module: K2 = {s['per_event']} raised to reach "
+        f"the target in time; global: cubic budget), "
         f"OBS score with gradient term, recovery update on one factor (auto: the one the quadratic model prices "
         f"lower; runs suffixed -both apply both one-sided updates, the paper's literal form), "
         f"curvature from the gradient Gram matrices since the last event (each run's "
@@ -520,9 +559,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": {},
     }
     _, tokenizer = load_model(args.model)
-    train_set, _ = load_sft_dataset(
+    examples, _ = load_sft_dataset(
         str(data_root() / "gsm8k" / "train.jsonl"), tokenizer, max_answer_tokens=args.max_answer_tokens
     )
+    # as `loraprune prune-adapter` does: every method trains without the held-out examples on
+    # which PrunedLoRA measures its pruning events, so a run here is the command's run
+    train_set, held_out = split_held_out(examples, args.held_out)
     if args.step_time:
         results["step_time"] = {str(r0): step_times(args, train_set, r0) for r0 in args.r0}
         results["goals"] = goals(results, args.rank)
@@ -537,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["before_training"] = evaluate(model, tokenizer, test, args)
     for spec in tqdm(planned_runs(args), desc="runs"):
         torch.manual_seed(args.seed)
-        results["runs"][spec["name"]] = run_one(spec, args, train_set, test)
+        results["runs"][spec["name"]] = run_one(spec, args, train_set, held_out, test)
         with_relative_times(results)
         results["goals"] = goals(results, args.rank)
         results["heatmap"] = str(prefix.with_suffix(".png"))

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PruneResult:
-    """The pruned model (in memory, shrunk), where it was written, and its report.
+    """The pruned model (in memory: shrunk by prune-model, merged N:M by prune-nm), its directory, its report.
 
     On the other DDP processes of a k-bit run, which leave the full-precision re-load to the main
     one, `model` is None and `report` empty.

@@ -7,7 +7,6 @@ users import `prune_nm` from the stable facade `loraprune.api`.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from loraprune.model_pruning.config import LoRAPruneConfig
 from loraprune.model_pruning.run import LoraSettings, training_windows
 from loraprune.models import load_model
 from loraprune.results import PruneResult, requested_perplexity
+from loraprune.run_report.record import REPORT_FILE
 from loraprune.run_report.summary import directory_size, environment, size_summary
 from loraprune.safety.divergence import nonfinite_loss_step
 from loraprune.safety.run_files import RunFiles, run_files
@@ -27,11 +27,6 @@ from loraprune.semi_structured.config import PruneNMConfig
 from loraprune.semi_structured.one_shot import prune_one_shot
 from loraprune.semi_structured.run import loraprune_nm, masked_recovery, nm_summary, require_pattern
 from loraprune.semi_structured.targets import nm_modules
-
-logger = logging.getLogger(__name__)
-
-REPORT_FILE = "loraprune_report.json"
-
 
 NMResult = PruneResult  # the N:M model (in memory, merged), where it was written, and its report
 
