@@ -97,6 +97,36 @@ def test_curvature_stats_are_the_gradient_gram_matrices():
     assert not stats.accumulate() and stats.count == 2
 
 
+@pytest.mark.parametrize(
+    ("criterion", "use_gradient", "grams", "gradients"),
+    [
+        ("obs", True, True, True),
+        ("obs", False, True, False),
+        ("taylor", True, False, True),
+        ("magnitude", True, False, False),
+    ],
+)
+def test_pruner_keeps_only_the_statistics_its_criterion_reads(criterion, use_gradient, grams, gradients):
+    """obs needs the Gram sums (and the gradient sums for its gradient term), taylor only the gradient
+    sums, magnitude nothing: at r0 = 512 the two (m, r0, r0) Grams alone are 440 MB on SmolLM2."""
+    model = lora_model()
+    config = RankPruningConfig(r0=8, rank=2, criterion=criterion, use_gradient=use_gradient)
+    pruner = RankPruner(model, config, total_steps=20)
+    modules = pruner.modules
+    for module in modules:
+        module.lora_a.grad = torch.ones_like(module.lora_a)
+        module.lora_b.grad = torch.ones_like(module.lora_b)
+    pruner.observe_gradients()
+    assert pruner.stats.keep_grams is grams and (pruner.stats.gram_a.numel() > 0) is grams
+    assert bool(pruner.stats.grad_a) is gradients
+    gram_bytes = 2 * len(modules) * 8 * 8 * 4
+    adapter_bytes = sum(m.lora_a.numel() + m.lora_b.numel() for m in modules) * 4
+    assert pruner.stats.nbytes == grams * gram_bytes + gradients * adapter_bytes
+    if not (grams or gradients):
+        modules[0].lora_a.grad[0, 0] = float("nan")  # nothing read, nothing to reject
+    assert pruner.stats.accumulate()
+
+
 def test_pruner_rejects_an_adapter_with_another_rank_or_scaling():
     with pytest.raises(LoraPruneError, match="scaling"):
         RankPruner(lora_model(r0=8, alpha=16), RankPruningConfig(r0=8, rank=2), total_steps=10)

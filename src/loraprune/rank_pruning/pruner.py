@@ -152,7 +152,10 @@ class RankPruner:
                 )
         self.masks = RankMasks(self.modules, config.r0)
         self.stats = CurvatureStats(
-            self.modules, config.r0, keep_gradients=config.use_gradient or config.criterion == "taylor"
+            self.modules,
+            config.r0,
+            keep_gradients=(config.criterion == "obs" and config.use_gradient) or config.criterion == "taylor",
+            keep_grams=config.criterion == "obs",
         )
         self.activations = ActivationStats(self.modules, config.r0) if config.criterion in ACTIVATION_CRITERIA else None
         if config.schedule == "per_module":

@@ -151,11 +151,15 @@ class CurvatureStats:
     module's width, which `gram` is kept to reproduce.
     """
 
-    def __init__(self, modules: list[LoraModule], r0: int, keep_gradients: bool) -> None:
+    def __init__(self, modules: list[LoraModule], r0: int, keep_gradients: bool, keep_grams: bool = True) -> None:
         self.modules = modules
         device = modules[0].lora_b.device
-        self.gram_a = torch.zeros(len(modules), r0, r0, device=device)
-        self.gram_b = torch.zeros(len(modules), r0, r0, device=device)
+        # criteria without a curvature (all but obs) hold no Gram sums: (m, r0, r0) twice is
+        # 440 MB at r0 = 512 on SmolLM2
+        size = r0 if keep_grams else 0
+        self.gram_a = torch.zeros(len(modules), size, size, device=device)
+        self.gram_b = torch.zeros(len(modules), size, size, device=device)
+        self.keep_grams = keep_grams
         self.keep_gradients = keep_gradients
         self.grad_a: list[Tensor] = []
         self.grad_b: list[Tensor] = []
@@ -194,26 +198,34 @@ class CurvatureStats:
     @torch.no_grad()
     def rotate(self, index: int, active: Tensor, change: BasisChange) -> None:
         """Express module `index`'s statistics of its `active` components in the basis of `change`."""
-        block = torch.meshgrid(active, active, indexing="ij")
-        self.gram_b[index][block] = change.gram_b(self.gram_b[index][block])
-        self.gram_a[index][block] = change.gram_a(self.gram_a[index][block])
+        if self.keep_grams:
+            block = torch.meshgrid(active, active, indexing="ij")
+            self.gram_b[index][block] = change.gram_b(self.gram_b[index][block])
+            self.gram_a[index][block] = change.gram_a(self.gram_a[index][block])
         if self.grad_b:
             self.grad_b[index][:, active] = change.gradient_b(self.grad_b[index][:, active])
             self.grad_a[index][active] = change.gradient_a(self.grad_a[index][active])
 
     @torch.no_grad()
     def accumulate(self) -> bool:
-        """Add the current gradients; returns False (and adds nothing) if a gradient is not finite."""
+        """Add the current gradients; returns False (and adds nothing) if a gradient is not finite.
+
+        Statistics that keep neither Grams nor gradients (criteria that read no gradient) do nothing.
+        """
+        if not (self.keep_grams or self.keep_gradients):
+            return True
         gram_a = torch.zeros_like(self.gram_a)
         gram_b = torch.zeros_like(self.gram_b)
         grads = []
         for index, module in enumerate(self.modules):
             g_a = _grad(module.lora_a)
             g_b = _grad(module.lora_b)
-            torch.mm(g_a, g_a.T, out=gram_a[index])
-            torch.mm(g_b.T, g_b, out=gram_b[index])
+            if self.keep_grams:
+                torch.mm(g_a, g_a.T, out=gram_a[index])
+                torch.mm(g_b.T, g_b, out=gram_b[index])
             grads.append((g_a, g_b))
-        if not (torch.isfinite(gram_a).all() and torch.isfinite(gram_b).all()):
+        finite = all(torch.isfinite(g_a).all() and torch.isfinite(g_b).all() for g_a, g_b in grads)
+        if not finite or not (torch.isfinite(gram_a).all() and torch.isfinite(gram_b).all()):
             return False
         self.gram_a += gram_a
         self.gram_b += gram_b
