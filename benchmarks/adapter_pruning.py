@@ -49,6 +49,7 @@ from loraprune.lora import add_lora
 from loraprune.models import DEFAULT_MODEL, load_model
 from loraprune.rank_pruning.config import RankPruningConfig
 from loraprune.rank_pruning.entry import ADAPTER_LR_SCHEDULE
+from loraprune.rank_pruning.presets import PRESETS, preset_values
 from loraprune.rank_pruning.pruner import RankPruner
 from loraprune.rank_pruning.run import load_sft_dataset, save_adapter, split_held_out, train_adapter
 from loraprune.run_report.plots import draw_rank_heatmap, new_figure, save_figure
@@ -79,6 +80,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="PrunedLoRA with curvature_scale=measured (its held-out batch: the --held-out examples); its runs get "
         "the suffix -measured",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="PrunedLoRA runs with a named preset of loraprune prune-adapter (paper: the published score and "
+        "recovery update in the adapter's own components); its runs get the suffix -PRESET",
     )
     parser.add_argument(
         "--no-gradient",
@@ -151,9 +159,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _variant(compensate: str, no_gradient: bool = False, measured: bool = False) -> str:
+def _variant(args: argparse.Namespace, compensate: str) -> str:
     suffix = "" if compensate == "auto" else f"-{compensate}"
-    return suffix + ("-nograd" if no_gradient else "") + ("-measured" if measured else "")
+    suffix += "-nograd" if args.no_gradient else ""
+    suffix += "-measured" if args.measured_curvature else ""
+    return suffix + (f"-{args.preset}" if args.preset else "")
 
 
 def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -164,7 +174,7 @@ def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
         if "per_module" in args.schedules:
             runs += [
                 {
-                    "name": f"prunedlora-{r0}to{args.rank}{_variant(c, args.no_gradient, args.measured_curvature)}",
+                    "name": f"prunedlora-{r0}to{args.rank}{_variant(args, c)}",
                     "method": "prunedlora",
                     "r0": r0,
                     "schedule": "per_module",
@@ -176,7 +186,7 @@ def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     if "global" in args.schedules:
         runs += [
             {
-                "name": f"prunedlora-{r0}to{args.rank}-global{_variant(c, args.no_gradient, args.measured_curvature)}",
+                "name": f"prunedlora-{r0}to{args.rank}-global{_variant(args, c)}",
                 "method": "prunedlora",
                 "r0": r0,
                 "schedule": "global",
@@ -259,19 +269,21 @@ def run_one(
     model, tokenizer = load_model(args.model)
     collator = SFTCollator(tokenizer.pad_token_id)
     measured = spec["method"] == "prunedlora" and args.measured_curvature
-    pruning = RankPruningConfig(
-        r0=spec["r0"],
-        rank=args.rank,
-        schedule=spec["schedule"],
-        prune_every=args.prune_every,
-        per_event=args.per_event,
-        warmup=args.warmup,
-        cooldown=args.cooldown,
-        calibration_examples=args.held_out,
-        compensate=spec.get("compensate", "auto"),
-        use_gradient=not (spec["method"] == "prunedlora" and args.no_gradient),
+    preset = preset_values(args.preset) if spec["method"] == "prunedlora" and args.preset else {}
+    explicit = {
+        "r0": spec["r0"],
+        "rank": args.rank,
+        "schedule": spec["schedule"],
+        "prune_every": args.prune_every,
+        "per_event": args.per_event,
+        "warmup": args.warmup,
+        "cooldown": args.cooldown,
+        "calibration_examples": args.held_out,
+        "compensate": spec.get("compensate", "auto"),
+        "use_gradient": not (spec["method"] == "prunedlora" and args.no_gradient),
         **({"curvature_scale": "measured"} if measured else {}),
-    )
+    }
+    pruning = RankPruningConfig(**{**preset, **explicit})
     training = TrainingConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -527,13 +539,18 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    obs_variants = args.no_gradient or args.measured_curvature or args.compensate != ["auto"]
+    if obs_variants and args.preset is None:  # the default criterion (magnitude) has no such variants
+        raise SystemExit(
+            "--no-gradient, --measured-curvature and --compensate are variants of the obs criterion; add --preset paper"
+        )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     prefix = Path(args.output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     json_path = prefix.with_suffix(".json")
     # per-run choices (recorded in each run's pruning_config) are not settings of the whole table
-    per_run = ("runs", "fresh", "output_prefix", "step_time", "no_gradient", "measured_curvature")
+    per_run = ("runs", "fresh", "output_prefix", "step_time", "no_gradient", "measured_curvature", "preset")
     settings = {k: v for k, v in vars(args).items() if k not in per_run}
     if args.lr_scheduler_type != "warmup_stable_decay":
         settings.pop("decay_fraction")

@@ -40,18 +40,21 @@ class RankPruningConfig:
     warmup: float = option(0.1, help="fraction of the steps trained before the first pruning event")
     cooldown: float = option(0.1, help="fraction of the steps trained at the final rank after the last event")
     criterion: str = option(
-        "obs",
-        help="score of a rank component j (row a_j of A, column b_j of B): obs = PrunedLoRA's loss-aware score "
-        "and recovery update; magnitude = |b_j|*|a_j|; taylor = sum |G*W| over a_j and b_j (LLM-Pruner, mean "
+        "magnitude",
+        help="score of a rank component j (row a_j of A, column b_j of B): magnitude = |b_j|*|a_j| (the default; "
+        "in the default singular basis that is the singular value, so an event is a truncated SVD of each "
+        "module's update); obs = the paper's loss-aware score and recovery update (--preset paper); "
+        "taylor = sum |G*W| over a_j and b_j (LLM-Pruner, mean "
         "LoRA gradients); wanda = |X a_j^T|*|b_j| (X: the module's inputs); sparsegpt = OBS on the columns of B "
         "with the input curvature (A X^T X A^T), the remaining columns of B compensating. magnitude, taylor and "
         "wanda only zero the removed components; compensate and use_gradient apply to obs only",
         choices=CRITERIA,
     )
     basis: str = option(
-        "components",
+        "singular",
         help="what a rank component is when an event scores and removes: components = the adapter's own "
-        "columns of B and rows of A (the paper); singular = first rotate each module's active components "
+        "columns of B and rows of A (the paper, --preset paper); singular (the default) = first rotate each "
+        "module's active components "
         "into the singular basis of its update B*A (exact: the model is unchanged; gradients, curvatures and "
         "Adam's moments rotate with it), so that a component carries one singular value and removing the "
         "weakest is the best low-rank approximation of the update (basis.py)",
