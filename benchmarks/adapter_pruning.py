@@ -324,14 +324,15 @@ def step_times(args: argparse.Namespace, train_set: list, r0: int) -> dict[str, 
     """
     base, tokenizer = load_model(args.model)
     collator = SFTCollator(tokenizer.pad_token_id)
-    config = RankPruningConfig(
-        r0=r0,
-        rank=args.rank,
-        prune_every=args.prune_every,
-        per_event=args.per_event,
-        warmup=args.warmup,
-        cooldown=args.cooldown,
-    )
+    explicit = {
+        "r0": r0,
+        "rank": args.rank,
+        "prune_every": args.prune_every,
+        "per_event": args.per_event,
+        "warmup": args.warmup,
+        "cooldown": args.cooldown,
+    }
+    config = RankPruningConfig(**{**(preset_values(args.preset) if args.preset else {}), **explicit})
     models, optimizers = {}, {}
     for name in ("lora-r0", "prunedlora"):
         torch.manual_seed(args.seed)
@@ -365,6 +366,8 @@ def step_times(args: argparse.Namespace, train_set: list, r0: int) -> dict[str, 
         "seconds": seconds,
         "total_seconds": totals,
         "ratio": totals["prunedlora"] / totals["lora-r0"],
+        "criterion": config.criterion,
+        "basis": config.basis,
         "curvature_statistics_bytes": pruner.stats.nbytes,
         "torch_threads": torch.get_num_threads(),
     }

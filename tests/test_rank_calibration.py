@@ -69,6 +69,8 @@ def pruning_event(curvature_scale: str, compensate: str, examples: int = 4, told
     config = RankPruningConfig(
         r0=R0,
         rank=R0 - 2,
+        criterion="obs",
+        basis="components",
         target_modules=("proj",),
         prune_every=400,
         per_event=2,
@@ -124,7 +126,7 @@ def test_measured_curvature_corrects_a_misscaled_fisher(compensate):
 
 def test_measured_curvature_needs_held_out_examples():
     with pytest.raises(Exception, match="calibration_examples"):
-        RankPruningConfig(r0=R0, rank=2, curvature_scale="measured", calibration_examples=0)
+        RankPruningConfig(r0=R0, rank=2, criterion="obs", curvature_scale="measured", calibration_examples=0)
 
 
 def test_curvature_divisors_normalise_by_steps_rows_and_examples():
@@ -152,6 +154,8 @@ def test_module_checks_measure_each_removal_alone_and_restore_the_weights():
     config = RankPruningConfig(
         r0=R0,
         rank=2,
+        criterion="obs",
+        basis="components",
         target_modules=("proj",),
         prune_every=1,
         per_event=4,

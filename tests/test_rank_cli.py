@@ -136,3 +136,32 @@ def test_default_model_adapter_names_the_cached_base_and_loads_with_stock_peft(d
     with torch.no_grad():
         expected = run.model.double()(ids).logits
     assert (torch.load(tmp_path / "logits.pt") - expected).abs().max().item() <= 1e-9
+
+
+def test_default_is_the_singular_basis_and_the_paper_preset_restores_the_published_score(
+    tiny_model_dir, data_dir, tmp_path, monkeypatch
+):
+    import loraprune.cli.prune_adapter_cmd as command
+
+    seen = {}
+
+    def spy(run_config, pruning, training):
+        seen["pruning"] = pruning
+        raise SystemExit(0)
+
+    monkeypatch.setattr(command, "prune_adapter", spy)  # where the command looks it up
+    with pytest.raises(SystemExit):
+        run_cli(tiny_model_dir, data_dir, tmp_path / "a")
+    assert (seen["pruning"].basis, seen["pruning"].criterion) == ("singular", "magnitude")
+    (tmp_path / "run.yaml").write_text("cooldown: 0.3\nprune_every: 3\n")
+    with pytest.raises(SystemExit):
+        run_cli(tiny_model_dir, data_dir, tmp_path / "b", "--preset", "paper", "--config", str(tmp_path / "run.yaml"))
+    pruning = seen["pruning"]
+    assert (pruning.basis, pruning.criterion, pruning.compensate) == ("components", "obs", "auto")
+    assert pruning.cooldown == 0.3 and pruning.prune_every == 2  # the file wins over the preset, the flag over both
+    with pytest.raises(SystemExit):
+        run_cli(tiny_model_dir, data_dir, tmp_path / "c", "--preset", "paper", "--basis", "singular")
+    assert (seen["pruning"].basis, seen["pruning"].criterion) == ("singular", "obs")
+    with pytest.raises(SystemExit) as unknown:
+        main(["prune-adapter", "--preset", "papers", "--output", str(tmp_path / "d")])
+    assert unknown.value.code == 2

@@ -196,6 +196,7 @@ def test_an_event_removes_what_the_direct_computation_picks(criterion):
         r0=r0,
         rank=r0 - remove,
         criterion=criterion,
+        basis="components",  # the direct computation scores the adapter's own components
         prune_every=2,
         per_event=remove,
         warmup=0.0,

@@ -180,7 +180,9 @@ def test_global_budget_is_met_exactly_with_adaptive_ranks():
 
 def test_plain_loop_api_matches_the_schedule():
     model = lora_model(r0=6)
-    config = RankPruningConfig(r0=6, rank=2, prune_every=1, per_event=1, warmup=0.0, cooldown=0.0, curvature="batch")
+    config = RankPruningConfig(
+        r0=6, rank=2, criterion="obs", prune_every=1, per_event=1, warmup=0.0, cooldown=0.0, curvature="batch"
+    )
     pruner = RankPruner(model, config, total_steps=4)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = collate(token_dataset(4))

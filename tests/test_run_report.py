@@ -185,6 +185,8 @@ def test_prune_adapter_writes_its_report_with_the_rank_heatmap(tiny_model_dir, d
                 "1",
                 "--calibration-modules",
                 "2",
+                "--preset",  # the obs criterion, whose predictions the calibration plot checks
+                "paper",
                 "--output",
                 str(out),
             ]

@@ -209,6 +209,14 @@ def test_example_specs_are_valid(path):
         "prunedlora_gap_basis_cpu.yaml": 2,
         "prunedlora_gap_combined_cpu.yaml": 2,
         "prunedlora_calibration_cpu.yaml": 2,
+        "prunedlora_r128_timing_seed1.yaml": 3,
+        "prunedlora_r128_cooldown_seed1.yaml": 2,
+        "prunedlora_r128_cooldown_seed0.yaml": 2,
+        "prunedlora_r128_late_seed1.yaml": 2,
+        "prunedlora_r128_removal_seed1.yaml": 1,
+        "prunedlora_r128_basis_seed1.yaml": 2,
+        "prunedlora_r128_basis_seed0.yaml": 1,
+        "prunedlora_r128_lora_baselines.yaml": 2,
     }
     assert len(spec.points) == expected[path.name]
     # full studies write under sweeps/; the CPU-sized ones are committed with the benchmark results

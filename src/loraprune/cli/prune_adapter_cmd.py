@@ -13,6 +13,7 @@ from loraprune.config import add_dataclass_arguments, dataclass_from_args
 from loraprune.distributed import is_main_process
 from loraprune.rank_pruning.config import RankPruningConfig
 from loraprune.rank_pruning.entry import ADAPTER_LR_SCHEDULE, prune_adapter
+from loraprune.rank_pruning.presets import PRESETS, preset_values
 from loraprune.rank_pruning.run import AdapterRunConfig
 from loraprune.safety.output import claim_run_output
 from loraprune.training import TrainingConfig
@@ -28,7 +29,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for config_class in (AdapterRunConfig, RankPruningConfig, TrainingConfig):
         group = parser.add_argument_group(config_class.__doc__.splitlines()[0].rstrip("."))
         add_dataclass_arguments(group, config_class)
-    parser.set_defaults(func=run, lr_scheduler_type=ADAPTER_LR_SCHEDULE)
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="named PrunedLoRA settings, overridden by --config and by the flags given: "
+        + "; ".join(f"'{name}': {preset.description}" for name, preset in PRESETS.items()).replace("%", "%%"),
+    )
+    parser.set_defaults(func=run, lr_scheduler_type=ADAPTER_LR_SCHEDULE, preset_values=preset_values)
 
 
 def rank_table(ranks: dict[str, int]) -> str:
