@@ -59,6 +59,30 @@ def test_a_scaled_basis_gives_every_row_of_a_the_norm_asked_for():
     torch.testing.assert_close(change.weight_a.norm(dim=1), torch.full((R0,), 0.5), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("row_norm", [None, 0.5])
+def test_more_components_than_rows_of_b_still_give_an_exact_square_change(row_norm):
+    """k_proj of SmolLM2 has 192 output rows: at r0 = 512 the update B*A has rank <= 192 < k."""
+    generator = torch.Generator().manual_seed(4)
+    weight_b, weight_a = torch.randn(4, R0, generator=generator), torch.randn(R0, IN, generator=generator)
+    change = singular_basis(weight_b, weight_a, row_norm=row_norm)
+    assert change.transform.shape == change.inverse.shape == (R0, R0)
+    assert change.weight_b.shape == (4, R0) and change.weight_a.shape == (R0, IN)
+    torch.testing.assert_close(change.weight_b @ change.weight_a, weight_b @ weight_a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(change.transform @ change.inverse, torch.eye(R0, dtype=torch.float64))
+    magnitude = change.weight_b.norm(dim=0) * change.weight_a.norm(dim=1)
+    singular = torch.linalg.svdvals((weight_b @ weight_a).double()).float()
+    torch.testing.assert_close(magnitude[:4], singular[:4], atol=1e-4, rtol=1e-4)
+    assert magnitude[4:].max() < 1e-4 * singular[0]  # the components beyond the update's rank carry nothing
+
+
+def test_more_components_than_input_features_leave_the_basis_alone():
+    generator = torch.Generator().manual_seed(5)
+    weight_b, weight_a = torch.randn(OUT, 8, generator=generator), torch.randn(8, 5, generator=generator)
+    change = singular_basis(weight_b, weight_a)
+    torch.testing.assert_close(change.weight_b, weight_b)
+    torch.testing.assert_close(change.weight_a, weight_a)
+
+
 def test_dependent_rows_of_a_leave_the_basis_alone():
     weight_b, weight_a = factors()
     weight_a[1] = 2 * weight_a[0]

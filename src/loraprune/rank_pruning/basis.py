@@ -78,13 +78,19 @@ def singular_basis(weight_b: Tensor, weight_a: Tensor, row_norm: float | None = 
     as it is, so `T` stays finite.
     """
     b, a = weight_b.double(), weight_a.double()
+    k = a.shape[0]
+    eye = torch.eye(k, dtype=torch.float64, device=a.device)
+    if k > a.shape[1]:  # more components than input features: the rows of A are dependent
+        return BasisChange(eye, eye, weight_b.clone(), weight_a.clone())
     _, r = torch.linalg.qr(a.T)  # Aᵀ = Q·R: (in, k), (k, k)
     diagonal = torch.diagonal(r).abs()
     floor = max(float(diagonal.max()) * RELATIVE_FLOOR, torch.finfo(torch.float64).tiny)
     if bool((diagonal < floor).any()):  # A has (nearly) dependent rows: no basis change
-        eye = torch.eye(a.shape[0], dtype=torch.float64, device=a.device)
         return BasisChange(eye, eye, weight_b.clone(), weight_a.clone())
-    _, s, wh = torch.linalg.svd(b @ r.T, full_matrices=False)
+    # all k right singular vectors, also when B has fewer rows than components (k_proj of a GQA
+    # model at r0 = 512 has 192): the update has rank <= out, the rest get singular value 0
+    _, s, wh = torch.linalg.svd(b @ r.T, full_matrices=True)
+    s = torch.cat([s, s.new_zeros(k - s.numel())])
     s = s.clamp_min(max(float(s.max()) * RELATIVE_FLOOR, torch.finfo(torch.float64).tiny))
     scale = 1 / s.sqrt() if row_norm is None else torch.full_like(s, 1 / row_norm)
     transform = r.T @ wh.T * scale
