@@ -199,7 +199,9 @@ def test_grad_scaler_loop_gives_unscaled_loraprune_scores(read_scaled, one_threa
 
 def test_grad_scaler_loop_gives_unscaled_prunedlora_decisions(one_thread):
     batches = torch.stack([item["input_ids"] for item in token_dataset(count=16)]).view(4, 4, -1)
-    config = RankPruningConfig(r0=6, rank=2, prune_every=1, per_event=1, warmup=0.0, cooldown=0.0)
+    config = RankPruningConfig(  # obs: its decisions read the (unscaled) gradients
+        r0=6, rank=2, criterion="obs", basis="components", prune_every=1, per_event=1, warmup=0.0, cooldown=0.0
+    )
     runs = []
     for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**14)):
         torch.manual_seed(0)

@@ -177,7 +177,13 @@ def prune_adapter_cli(model_dir: Path, data_dir: Path, output: Path, *extra: str
 
 
 def test_prunedlora_refuses_the_magnitude_fallback_and_non_finite_factors(tiny_model_dir, data_dir, tmp_path, capsys):
+    # the default criterion reads no gradient: it meets the diverged factors at the first event
     diverging = ("--learning-rate", "1e30", "--divergence-factor", "0")
+    assert prune_adapter_cli(tiny_model_dir, data_dir, tmp_path / "out", *diverging) == 2
+    line = one_line_error(capsys)
+    assert "non-finite LoRA factors" in line and "lower --learning-rate" in line, line
+    assert_nothing_written(tmp_path, "tiny-llama")
+    diverging = (*diverging, "--preset", "paper")  # obs: the gradient evidence is checked first
     assert prune_adapter_cli(tiny_model_dir, data_dir, tmp_path / "out", *diverging) == 2
     line = one_line_error(capsys)
     assert "no step since the last pruning event gave finite gradients" in line, line

@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -178,6 +178,21 @@ def read_config_file(path: str | Path, parser: argparse.ArgumentParser) -> dict[
         check(action.dest not in values, f"{path}: {action.dest} is given twice (as {raw_key!r} too)")
         values[action.dest] = _config_value(str(raw_key), value, action, str(path))
     return values
+
+
+def add_preset_option(
+    parser: argparse.ArgumentParser, presets: Mapping[str, Any], values: Callable[[str], dict[str, Any]]
+) -> None:
+    """`--preset NAME` for a sub-command: `presets` maps a name to an object with a `description`,
+    `values` a name to `{dest: value}`, applied by `parse_args_with_config` under --config and the flags."""
+    parser.add_argument(
+        "--preset",
+        choices=sorted(presets),
+        default=None,
+        help="named settings, overridden by --config and by the flags given: "
+        + "; ".join(f"'{name}': {preset.description}" for name, preset in presets.items()).replace("%", "%%"),
+    )
+    parser.set_defaults(preset_values=values)
 
 
 def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from loraprune.config import add_dataclass_arguments, dataclass_from_args
+from loraprune.config import add_dataclass_arguments, add_preset_option, dataclass_from_args
 from loraprune.distributed import is_main_process
 from loraprune.rank_pruning.config import RankPruningConfig
 from loraprune.rank_pruning.entry import ADAPTER_LR_SCHEDULE, prune_adapter
@@ -29,14 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for config_class in (AdapterRunConfig, RankPruningConfig, TrainingConfig):
         group = parser.add_argument_group(config_class.__doc__.splitlines()[0].rstrip("."))
         add_dataclass_arguments(group, config_class)
-    parser.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        default=None,
-        help="named PrunedLoRA settings, overridden by --config and by the flags given: "
-        + "; ".join(f"'{name}': {preset.description}" for name, preset in PRESETS.items()).replace("%", "%%"),
-    )
-    parser.set_defaults(func=run, lr_scheduler_type=ADAPTER_LR_SCHEDULE, preset_values=preset_values)
+    add_preset_option(parser, PRESETS, preset_values)
+    parser.set_defaults(func=run, lr_scheduler_type=ADAPTER_LR_SCHEDULE)
 
 
 def rank_table(ranks: dict[str, int]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from loraprune.config import PruneModelConfig, add_dataclass_arguments, dataclass_from_args
+from loraprune.config import PruneModelConfig, add_dataclass_arguments, add_preset_option, dataclass_from_args
 from loraprune.model_pruning.config import LoRAPruneConfig
 from loraprune.model_pruning.presets import PRESETS, get_preset
 
@@ -66,14 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_dataclass_arguments(parser, PruneModelConfig)
     add_dataclass_arguments(parser.add_argument_group("LoRAPrune schedule (--method loraprune)"), LoRAPruneConfig)
-    parser.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        default=None,
-        help="named settings, overridden by --config and by the flags given: "
-        + "; ".join(f"'{name}': {preset.description}" for name, preset in PRESETS.items()).replace("%", "%%"),
-    )
-    parser.set_defaults(func=run, preset_values=preset_values)
+    add_preset_option(parser, PRESETS, preset_values)
+    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

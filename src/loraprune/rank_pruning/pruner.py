@@ -401,6 +401,11 @@ class RankPruner:
                 continue
             weight_b = full_tensor(module.lora_b.detach()).float().index_select(1, active)
             weight_a = full_tensor(module.lora_a.detach()).float().index_select(0, active)
+            if not (torch.isfinite(weight_b).all() and torch.isfinite(weight_a).all()):
+                raise LoraPruneError(
+                    f"PrunedLoRA: {module.name} has non-finite LoRA factors at this pruning event, so it has no "
+                    "singular basis (the training diverged: lower --learning-rate)"
+                )
             change = singular_basis(weight_b, weight_a, row_norm=float(weight_a.square().sum(1).mean().sqrt()))
             index_copy_(module.lora_b, 1, active, change.weight_b.to(module.lora_b.dtype))
             index_copy_(module.lora_a, 0, active, change.weight_a.to(module.lora_a.dtype))
