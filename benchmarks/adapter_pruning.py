@@ -263,27 +263,37 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, test: dict[str, Any], args:
 # ---------------------------------------------------------------------------- runs
 
 
+def pruning_config(args: argparse.Namespace, r0: int, prunedlora: bool, **fields: Any) -> RankPruningConfig:
+    """The run's RankPruningConfig: `--preset` (PrunedLoRA runs only) under the benchmark's own options."""
+    preset = preset_values(args.preset) if prunedlora and args.preset else {}
+    explicit = {
+        "r0": r0,
+        "rank": args.rank,
+        "prune_every": args.prune_every,
+        "per_event": args.per_event,
+        "warmup": args.warmup,
+        "cooldown": args.cooldown,
+        **fields,
+    }
+    return RankPruningConfig(**{**preset, **explicit})
+
+
 def run_one(
     spec: dict[str, Any], args: argparse.Namespace, train_set: list, held_out: list, test: dict
 ) -> dict[str, Any]:
     model, tokenizer = load_model(args.model)
     collator = SFTCollator(tokenizer.pad_token_id)
-    measured = spec["method"] == "prunedlora" and args.measured_curvature
-    preset = preset_values(args.preset) if spec["method"] == "prunedlora" and args.preset else {}
-    explicit = {
-        "r0": spec["r0"],
-        "rank": args.rank,
-        "schedule": spec["schedule"],
-        "prune_every": args.prune_every,
-        "per_event": args.per_event,
-        "warmup": args.warmup,
-        "cooldown": args.cooldown,
-        "calibration_examples": args.held_out,
-        "compensate": spec.get("compensate", "auto"),
-        "use_gradient": not (spec["method"] == "prunedlora" and args.no_gradient),
-        **({"curvature_scale": "measured"} if measured else {}),
-    }
-    pruning = RankPruningConfig(**{**preset, **explicit})
+    prunedlora = spec["method"] == "prunedlora"
+    pruning = pruning_config(
+        args,
+        spec["r0"],
+        prunedlora,
+        schedule=spec["schedule"],
+        calibration_examples=args.held_out,
+        compensate=spec.get("compensate", "auto"),
+        use_gradient=not (prunedlora and args.no_gradient),
+        **({"curvature_scale": "measured"} if prunedlora and args.measured_curvature else {}),
+    )
     training = TrainingConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -324,15 +334,7 @@ def step_times(args: argparse.Namespace, train_set: list, r0: int) -> dict[str, 
     """
     base, tokenizer = load_model(args.model)
     collator = SFTCollator(tokenizer.pad_token_id)
-    explicit = {
-        "r0": r0,
-        "rank": args.rank,
-        "prune_every": args.prune_every,
-        "per_event": args.per_event,
-        "warmup": args.warmup,
-        "cooldown": args.cooldown,
-    }
-    config = RankPruningConfig(**{**(preset_values(args.preset) if args.preset else {}), **explicit})
+    config = pruning_config(args, r0, prunedlora=True)
     models, optimizers = {}, {}
     for name in ("lora-r0", "prunedlora"):
         torch.manual_seed(args.seed)
@@ -471,7 +473,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"{_held_out_text(s)}"
         f"PrunedLoRA: prune every {s['prune_every']} steps after a {s.get('warmup', 0.1):.0%} warm-up until the "
         f"start of a {s.get('cooldown', 0.1):.0%} cool-down (per_module: K2 = {s['per_event']} raised to reach "
-        f"the target in time; global: cubic budget), "
+        f"the target in time; global: cubic budget). Each run's score is in its `pruning_config`: `magnitude` "
+        f"in the `singular` basis (the default since 2026-12-02: the weakest singular components of each "
+        f"module's update B*A removed at every event, a truncated SVD), or `obs` in the adapter's own "
+        f"`components` (runs suffixed -paper, and the runs recorded without a `basis`): "
         f"OBS score with gradient term, recovery update on one factor (auto: the one the quadratic model prices "
         f"lower; runs suffixed -both apply both one-sided updates, the paper's literal form), "
         f"curvature from the gradient Gram matrices since the last event (each run's "
@@ -482,9 +487,14 @@ def markdown(results: dict[str, Any]) -> str:
         f"Evaluation: answer-token NLL on the first {s['nll_problems']} problems of GSM8K test.jsonl (file "
         f"order); greedy exact match of the `####` number on the first {s['em_problems']} problems, at most "
         f"{s['max_new_tokens']} new tokens; WikiText-2 test perplexity on the first {s['ppl_tokens']} tokens in "
-        "windows of 128. Confirmation set: the answer-token NLL on the next problems of GSM8K test "
-        f"(problems {s['nll_problems']}-{s['nll_problems'] + s.get('confirm_problems', 0) - 1}), which played "
-        "no part in choosing the defaults ('-': measured before it existed).",
+        "windows of 128."
+        + (
+            " Confirmation set: the answer-token NLL on the next problems of GSM8K test "
+            f"(problems {s['nll_problems']}-{s['nll_problems'] + s['confirm_problems'] - 1}), which played "
+            "no part in choosing the defaults ('-': measured before it existed)."
+            if s.get("confirm_problems")
+            else ""
+        ),
         "",
         "| run | final total rank (mean) | modules at 0 | test NLL | NLL, confirmation set | EM | WikiText-2 ppl | "
         "adapter params | file (MB) | train s/step | time vs LoRA r0 |",

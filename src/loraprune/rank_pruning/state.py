@@ -224,8 +224,11 @@ class CurvatureStats:
                 torch.mm(g_a, g_a.T, out=gram_a[index])
                 torch.mm(g_b.T, g_b, out=gram_b[index])
             grads.append((g_a, g_b))
-        finite = all(torch.isfinite(g_a).all() and torch.isfinite(g_b).all() for g_a, g_b in grads)
-        if not finite or not (torch.isfinite(gram_a).all() and torch.isfinite(gram_b).all()):
+        if self.keep_grams:  # a Gram is finite only if its gradient is: one check instead of two
+            finite = bool(torch.isfinite(gram_a).all() and torch.isfinite(gram_b).all())
+        else:
+            finite = all(bool(torch.isfinite(g_a).all() and torch.isfinite(g_b).all()) for g_a, g_b in grads)
+        if not finite:
             return False
         self.gram_a += gram_a
         self.gram_b += gram_b
